@@ -1,0 +1,1 @@
+"""Ready-made pipelines; each module defines ``pipeline`` and ``make_pipeline(device=...)``."""

@@ -1,0 +1,158 @@
+"""The ``hcs-dask`` command.
+
+Exit codes: 0 every well ok; 1 some wells did not succeed (the summary is still
+written); 2 invalid input, reported before any task runs and with nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+import click
+
+from hcs_dask.cluster import ClusterError
+from hcs_dask.compile import CompileError
+from hcs_dask.formats import PlateError, open_plate, write_synthetic_plate
+from hcs_dask.pipeline import PipelineError, load_pipeline
+from hcs_dask.results import PlateResult
+from hcs_dask.store import OutputError
+
+#: Errors that mean "the input is wrong": exit code 2, nothing written.
+INPUT_ERRORS = (PlateError, PipelineError, CompileError, OutputError)
+
+
+def _fail_input(error: Exception) -> None:
+    click.echo(f"error: {error}", err=True)
+    sys.exit(2)
+
+
+def _report(result: PlateResult, summary: str | None) -> None:
+    counts = ", ".join(f"{n} {status}" for status, n in result.counts().items())
+    click.echo(f"plate {result.plate}: {len(result.wells)} wells: {counts} ({result.seconds:.1f} s)")
+    for failure in result.failures():
+        where = f" in step {failure.step!r}" if failure.step else ""
+        click.echo(f"  {failure.well}: {failure.status}{where}: {failure.error_type}: {failure.error}", err=True)
+    click.echo(f"output: {result.output}")
+    if result.measurements_path:
+        click.echo(f"measurements: {result.measurements_path}")
+    if summary:
+        result.write_summary(summary)
+        click.echo(f"summary: {summary}")
+
+
+def _run(graph: str, plate_path: str, output: str, *, device: str, workers: int | None,
+         threads_per_worker: int, scheduler: str | None, summary: str | None, overwrite: bool) -> PlateResult:
+    from hcs_dask.execute import run_plate
+
+    try:
+        options = {"device": device} if device != "cpu" else {}
+        pipeline = load_pipeline(graph, **options)
+        plate = open_plate(plate_path)
+        result = run_plate(plate, pipeline, output, scheduler=scheduler, n_workers=workers,
+                           threads_per_worker=threads_per_worker, overwrite=overwrite)
+    except INPUT_ERRORS as error:
+        _fail_input(error)
+    except ClusterError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(2)
+    _report(result, summary)
+    return result
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="hcs-dask")
+def main() -> None:
+    """Plate-scale image processing for high-content screening, one Dask task per well."""
+
+
+@main.command()
+@click.argument("graph")
+@click.argument("plate", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="The OME-Zarr plate to write (.ome.zarr).")
+@click.option("--workers", type=int, default=None, help="Workers of the embedded cluster [one per core].")
+@click.option("--threads-per-worker", type=int, default=1, show_default=True)
+@click.option("--scheduler", default=None, help="Address or scheduler file of an existing Dask cluster.")
+@click.option("--device", type=click.Choice(["cpu", "gpu"]), default="cpu", show_default=True,
+              help="Passed to the graph's make_pipeline(device=...).")
+@click.option("--summary", type=click.Path(), default=None, help="Write a JSON summary of every well here.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+def run(graph: str, plate: str, output: str, workers: int | None, threads_per_worker: int,
+        scheduler: str | None, device: str, summary: str | None, overwrite: bool) -> None:
+    """Run GRAPH (a pipeline file, or a bundled graph's name) on the PLATE folder."""
+    result = _run(graph, plate, output, device=device, workers=workers, threads_per_worker=threads_per_worker,
+                  scheduler=scheduler, summary=summary, overwrite=overwrite)
+    sys.exit(0 if result.ok else 1)
+
+
+@main.command()
+@click.argument("directory", type=click.Path())
+@click.option("--wells", type=int, default=4, show_default=True)
+@click.option("--sites", type=int, default=2, show_default=True)
+@click.option("--channels", type=int, default=2, show_default=True)
+@click.option("--z", "z", type=int, default=3, show_default=True)
+@click.option("--timepoints", type=int, default=1, show_default=True)
+@click.option("--size", type=int, default=256, show_default=True, help="Image edge in pixels.")
+@click.option("--seed", type=int, default=0, show_default=True)
+def synth(directory: str, wells: int, sites: int, channels: int, z: int, timepoints: int, size: int, seed: int) -> None:
+    """Write a synthetic ImageXpress plate (with .HTD and ground_truth.csv) to DIRECTORY."""
+    start = time.perf_counter()
+    try:
+        path = write_synthetic_plate(directory, wells=wells, sites=sites, channels=channels, z=z,
+                                     timepoints=timepoints, size=size, seed=seed)
+    except (FileExistsError, ValueError) as error:
+        _fail_input(error)
+    n = wells * sites * channels * z * timepoints
+    click.echo(f"wrote {n} images ({wells} wells) to {path} in {time.perf_counter() - start:.1f} s")
+
+
+@main.command()
+@click.option("--directory", type=click.Path(), default="hcs-demo", show_default=True,
+              help="Where the synthetic plate and its results go.")
+@click.option("--wells", type=int, default=8, show_default=True)
+@click.option("--workers", type=int, default=None, help="Workers of the embedded cluster [one per core].")
+def demo(directory: str, wells: int, workers: int | None) -> None:
+    """Synthesise a small plate and run the nuclei-count graph on an embedded LocalCluster."""
+    root = Path(directory)
+    plate_dir = root / "plate"
+    if not plate_dir.exists():
+        click.echo(f"synthesising a {wells}-well plate in {plate_dir} ...")
+        write_synthetic_plate(plate_dir, wells=wells, sites=2, channels=2, z=3, size=256, seed=0)
+    result = _run("nuclei_count", str(plate_dir), str(root / "nuclei_count.ome.zarr"), device="cpu",
+                  workers=workers, threads_per_worker=1, scheduler=None,
+                  summary=str(root / "summary.json"), overwrite=True)
+    sys.exit(0 if result.ok else 1)
+
+
+@main.command()
+@click.argument("plate", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+def inspect(plate: str, as_json: bool) -> None:
+    """Print PLATE's dimensions, channels, and missing images."""
+    try:
+        opened = open_plate(plate)
+    except PlateError as error:
+        _fail_input(error)
+    info = opened.describe()
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    click.echo(f"plate {info['name']} ({info['format']}) at {info['root']}")
+    click.echo(f"  {info['wells']} wells × {info['sites']} sites × {len(info['channels'])} channels × "
+               f"{info['z']} z × {info['timepoints']} timepoints = {info['images']} images")
+    click.echo(f"  image {info['shape'][0]}×{info['shape'][1]} {info['dtype']}, pixel size "
+               f"{info['pixel_size_um'] or 'unknown'} µm, plate {info['plate_geometry'][0]}×{info['plate_geometry'][1]}")
+    for channel in info["channels"]:
+        click.echo(f"  channel {channel['channel']}: {channel['name']}")
+    for line in info["gaps"] or ["no gaps: every well has every image"]:
+        click.echo(f"  {line}")
+    for line in info["declared_missing"] + info["notes"]:
+        click.echo(f"  {line}")
+    if info["gaps"]:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

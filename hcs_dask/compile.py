@@ -1,0 +1,154 @@
+"""Plate × Pipeline → PlateGraph: one frozen, self-contained plan per well.
+
+Compiling validates everything that can be known without pixels (the plate's
+gaps, the pipeline's axes, the output path) and only then writes the plate-level
+OME-Zarr metadata, once, here on the client. A bad input therefore writes nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from pathlib import Path
+
+from hcs_dask.pipeline import Pipeline, PipelineError
+from hcs_dask.plate import AXES, Plate, Well
+from hcs_dask.store import check_output, create_plate_layout, measurements_path
+
+
+class CompileError(ValueError):
+    """A plate that cannot be run as it is (gaps, unknown image shape, …)."""
+
+
+WELL_TASK_PREFIX = "hcs-well"
+
+
+@dataclass(frozen=True)
+class WellPlan:
+    """Everything a worker needs to run one well; a few kB, no pixels.
+
+    ``sequential`` lists the axes processed one value-combination at a time
+    (axes with a single value are dropped at compile time).
+    """
+
+    plate: str
+    well: Well
+    root: str
+    output: str
+    axis_values: tuple[tuple[str, tuple[int, ...]], ...]
+    sequential: tuple[str, ...]
+    channel_names: tuple[tuple[int, str], ...]
+    pixel_size_um: tuple[float, float] | None
+    z_step_um: float | None
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        """The Dask key of this well's task: ``("hcs-well", plate, well)``."""
+        return (WELL_TASK_PREFIX, self.plate, self.well.name)
+
+    def values(self, axis: str) -> tuple[int, ...]:
+        return dict(self.axis_values)[axis]
+
+    def combinations(self) -> list[dict[str, int]]:
+        """The sequential combinations, e.g. ``[{"timepoint": 1}, {"timepoint": 2}]``; ``[{}]`` if none."""
+        values = [self.values(axis) for axis in self.sequential]
+        return [dict(zip(self.sequential, combo)) for combo in itertools.product(*values)]
+
+    def field_index(self, site: int) -> int:
+        return self.values("site").index(site)
+
+
+@dataclass(frozen=True)
+class PlateGraph:
+    """The compiled plate: one :class:`WellPlan` per well, plus what is shared by all."""
+
+    plate: Plate
+    pipeline: Pipeline
+    output: str
+    plans: tuple[WellPlan, ...]
+
+    def __len__(self) -> int:
+        return len(self.plans)
+
+    @property
+    def measurements_path(self) -> Path:
+        return measurements_path(self.output)
+
+
+def check_sequential(pipeline: Pipeline) -> None:
+    """An axis processed sequentially cannot also be gathered into a stack."""
+    for step in pipeline.steps:
+        clash = set(step.stack) & set(pipeline.sequential)
+        if clash:
+            axis = sorted(clash)[0]
+            raise PipelineError(
+                f"step {step.name!r} stacks axis {axis!r}, which pipeline {pipeline.name!r} "
+                f"processes sequentially; a sequential axis has one value at a time, so it cannot be stacked"
+            )
+
+
+def check_plate(plate: Plate) -> None:
+    """Every well has the same images; the image shape is known."""
+    if not plate.wells:
+        raise CompileError(f"plate {plate.name!r} ({plate.root}) has no wells with images")
+    gaps = plate.gaps()
+    if gaps:
+        raise CompileError(
+            f"plate {plate.name!r} is incomplete ({len(gaps)} well(s) with gaps):\n  " + "\n  ".join(gaps)
+        )
+    if not plate.dtype or 0 in plate.shape:
+        raise CompileError(
+            f"plate {plate.name!r}: image shape unknown (opened with read_headers=False?)"
+        )
+
+
+def compile_plate(
+    plate: Plate,
+    pipeline: Pipeline,
+    output: str | Path,
+    *,
+    overwrite: bool = False,
+    write_layout: bool = True,
+) -> PlateGraph:
+    """Validate ``plate`` × ``pipeline`` × ``output`` and plan every well; reads no pixels.
+
+    Parameters
+    ----------
+    plate, pipeline
+        What to run.
+    output
+        The OME-Zarr plate to create (``.ome.zarr``).
+    overwrite
+        Replace an existing output. Without it an existing path is an error.
+    write_layout
+        Write the plate/row/well groups now (the default). ``False`` plans only.
+
+    Raises
+    ------
+    CompileError, PipelineError, OutputError
+        Before anything is written, naming the well, step or path at fault.
+    """
+    pipeline.validate()
+    check_sequential(pipeline)
+    check_plate(plate)
+    output_path = check_output(output, overwrite=overwrite)
+
+    axis_values = tuple((axis, plate.values(axis)) for axis in AXES)
+    sequential = tuple(axis for axis in pipeline.sequential if len(plate.values(axis)) > 1)
+    plans = tuple(
+        WellPlan(
+            plate=plate.name,
+            well=well,
+            root=plate.root,
+            output=str(output_path),
+            axis_values=axis_values,
+            sequential=sequential,
+            channel_names=plate.channel_names,
+            pixel_size_um=plate.pixel_size_um,
+            z_step_um=plate.z_step_um,
+        )
+        for well in plate.wells
+    )
+    if write_layout:
+        create_plate_layout(output_path, plate, overwrite=overwrite)
+    return PlateGraph(plate=plate, pipeline=pipeline, output=str(output_path), plans=plans)

@@ -1,0 +1,290 @@
+"""The plate index: which images exist, where, and what they are.
+
+A :class:`Plate` is an index only. It never holds pixels, it is immutable and
+picklable, and one :class:`Well` carries just its own file list, so that a well
+task ships a few kilobytes to its worker however large the plate is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Iterator, NamedTuple
+
+#: The axes of an image inside a well. ``well`` is the task axis and is not listed.
+AXES: tuple[str, ...] = ("site", "channel", "z", "timepoint")
+#: All axes of an :class:`ImageKey`.
+IMAGE_AXES: tuple[str, ...] = ("well",) + AXES
+
+_WELL_NAME = re.compile(r"^([A-Z]{1,2})(\d{1,3})$")
+
+
+def split_well_name(name: str) -> tuple[str, int]:
+    """Split ``"B03"`` into ``("B", 3)`` and ``"AF48"`` into ``("AF", 48)``.
+
+    Raises
+    ------
+    ValueError
+        If ``name`` is not a row letter (or two) followed by a column number.
+    """
+    match = _WELL_NAME.match(name)
+    if match is None:
+        raise ValueError(f"{name!r} is not a well name like 'B03' or 'AF48'")
+    return match.group(1), int(match.group(2))
+
+
+def row_index(row: str) -> int:
+    """Zero-based index of a plate row: ``A`` → 0, ``Z`` → 25, ``AA`` → 26."""
+    if len(row) == 1:
+        return ord(row) - ord("A")
+    return 26 + (ord(row[0]) - ord("A")) * 26 + (ord(row[1]) - ord("A"))
+
+
+def row_name(index: int) -> str:
+    """Inverse of :func:`row_index`."""
+    if index < 26:
+        return chr(ord("A") + index)
+    index -= 26
+    return chr(ord("A") + index // 26) + chr(ord("A") + index % 26)
+
+
+class ImageKey(NamedTuple):
+    """Where one 2-D image sits in the plate. Values are the vendor's own numbers.
+
+    A named tuple: a plate scan builds one per file (276k for a 1536-well plate), and a
+    tuple is several times cheaper to build than a frozen dataclass.
+    """
+
+    well: str
+    site: int
+    channel: int
+    z: int
+    timepoint: int
+
+    def axis(self, name: str) -> int | str:
+        return getattr(self, name)
+
+
+@dataclass(frozen=True)
+class Well:
+    """One well's images: ``(ImageKey, path relative to the plate root)`` pairs, sorted."""
+
+    name: str
+    files: tuple[tuple[ImageKey, str], ...]
+
+    @property
+    def row(self) -> str:
+        return split_well_name(self.name)[0]
+
+    @property
+    def column(self) -> int:
+        return split_well_name(self.name)[1]
+
+    @cached_property
+    def _by_key(self) -> dict[ImageKey, str]:
+        return dict(self.files)
+
+    def path_of(self, key: ImageKey) -> str:
+        """Relative path of the image at ``key``; ``KeyError`` if the well lacks it."""
+        return self._by_key[key]
+
+    @property
+    def keys(self) -> tuple[ImageKey, ...]:
+        return tuple(key for key, _ in self.files)
+
+    def values(self, axis: str) -> tuple[int, ...]:
+        """Sorted distinct values of ``axis`` among this well's images."""
+        return tuple(sorted({getattr(key, axis) for key, _ in self.files}))
+
+    def __getstate__(self) -> dict:
+        # The lookup dict is derived: do not ship it to workers.
+        return {"name": self.name, "files": self.files}
+
+    def __setstate__(self, state: dict) -> None:
+        object.__setattr__(self, "name", state["name"])
+        object.__setattr__(self, "files", state["files"])
+
+
+@dataclass(frozen=True)
+class Plate:
+    """A plate of images, as an index.
+
+    Parameters
+    ----------
+    name
+        The plate's name (from the vendor metadata or the folder name).
+    root
+        Absolute path of the plate folder; :attr:`Well.files` are relative to it.
+    format
+        The reader that produced it, e.g. ``"imagexpress"``.
+    wells
+        The wells that have images, sorted by row then column.
+    shape, dtype
+        ``(y, x)`` and numpy dtype name shared by every image.
+    channel_names
+        ``((channel, name), ...)`` where the format provides names.
+    pixel_size_um
+        ``(y, x)`` pixel size in micrometres, where the format provides it.
+    z_step_um
+        Distance between z planes in micrometres, where known.
+    plate_rows, plate_columns
+        The plate geometry (8×12 for 96 wells), from the vendor metadata or inferred.
+    declared_missing
+        Human-readable notes on wells, sites or channels that the vendor metadata
+        declares but for which no file exists.
+    """
+
+    name: str
+    root: str
+    format: str
+    wells: tuple[Well, ...]
+    shape: tuple[int, int]
+    dtype: str
+    channel_names: tuple[tuple[int, str], ...] = ()
+    pixel_size_um: tuple[float, float] | None = None
+    z_step_um: float | None = None
+    plate_rows: int = 8
+    plate_columns: int = 12
+    declared_missing: tuple[str, ...] = ()
+    notes: tuple[str, ...] = field(default=())
+
+    # ----------------------------------------------------------------- lookups
+    @cached_property
+    def _wells_by_name(self) -> dict[str, Well]:
+        return {well.name: well for well in self.wells}
+
+    def well(self, name: str) -> Well:
+        try:
+            return self._wells_by_name[name]
+        except KeyError:
+            raise KeyError(f"plate {self.name!r} has no well {name!r}") from None
+
+    def __iter__(self) -> Iterator[Well]:
+        return iter(self.wells)
+
+    def __len__(self) -> int:
+        return len(self.wells)
+
+    @cached_property
+    def _axis_values(self) -> dict[str, tuple[int, ...]]:
+        values: dict[str, set[int]] = {axis: set() for axis in AXES}
+        for well in self.wells:
+            for key, _ in well.files:
+                for axis in AXES:
+                    values[axis].add(getattr(key, axis))
+        return {axis: tuple(sorted(v)) for axis, v in values.items()}
+
+    def values(self, axis: str) -> tuple[int, ...]:
+        """Sorted distinct values of an axis (``site``, ``channel``, ``z``, ``timepoint``)."""
+        if axis not in AXES:
+            raise ValueError(f"unknown axis {axis!r}; axes are {', '.join(AXES)}")
+        return self._axis_values[axis]
+
+    @property
+    def sites(self) -> tuple[int, ...]:
+        return self.values("site")
+
+    @property
+    def channels(self) -> tuple[int, ...]:
+        return self.values("channel")
+
+    @property
+    def zs(self) -> tuple[int, ...]:
+        return self.values("z")
+
+    @property
+    def timepoints(self) -> tuple[int, ...]:
+        return self.values("timepoint")
+
+    @property
+    def n_images(self) -> int:
+        return sum(len(well.files) for well in self.wells)
+
+    def channel_name(self, channel: int) -> str:
+        return dict(self.channel_names).get(channel, f"w{channel}")
+
+    def row_names(self) -> list[str]:
+        return [row_name(i) for i in range(self.plate_rows)]
+
+    def column_names(self) -> list[str]:
+        return [str(c) for c in range(1, self.plate_columns + 1)]
+
+    # ----------------------------------------------------------- consistency
+    def gaps(self) -> list[str]:
+        """Every image that a well lacks although its siblings have it.
+
+        The expected set is the full product of the plate's sites, channels, z
+        planes and timepoints. Returns one sentence per well, naming what is
+        missing; empty when the plate is complete.
+        """
+        expected = len(self.sites) * len(self.channels) * len(self.zs) * len(self.timepoints)
+        problems = []
+        for well in self.wells:
+            if len(well.files) == expected:
+                continue
+            present = {(k.site, k.channel, k.z, k.timepoint) for k, _ in well.files}
+            missing = [
+                (s, c, z, t)
+                for s in self.sites
+                for c in self.channels
+                for z in self.zs
+                for t in self.timepoints
+                if (s, c, z, t) not in present
+            ]
+            shown = ", ".join(f"site {s} channel {c} z {z} timepoint {t}" for s, c, z, t in missing[:5])
+            more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+            problems.append(f"well {well.name} lacks {len(missing)} image(s): {shown}{more}")
+        return problems
+
+    def fingerprint(self) -> str:
+        """A hash of the index (names, dimensions, shape, dtype), not of pixels.
+
+        Repairing a corrupt file keeps the fingerprint; adding a well changes it.
+        """
+        description = {
+            "name": self.name,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "wells": [[w.name, [[list(_key_tuple(k)), p] for k, p in w.files]] for w in self.wells],
+        }
+        blob = json.dumps(description, sort_keys=True).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+    def describe(self) -> dict:
+        """The plate's dimensions as plain data (for ``hcs-dask inspect`` and summaries)."""
+        return {
+            "name": self.name,
+            "root": self.root,
+            "format": self.format,
+            "wells": len(self.wells),
+            "sites": len(self.sites),
+            "channels": [
+                {"channel": c, "name": self.channel_name(c)} for c in self.channels
+            ],
+            "z": len(self.zs),
+            "timepoints": len(self.timepoints),
+            "images": self.n_images,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "pixel_size_um": list(self.pixel_size_um) if self.pixel_size_um else None,
+            "plate_geometry": [self.plate_rows, self.plate_columns],
+            "gaps": self.gaps(),
+            "declared_missing": list(self.declared_missing),
+            "notes": list(self.notes),
+        }
+
+
+def _key_tuple(key: ImageKey) -> tuple:
+    return (key.site, key.channel, key.z, key.timepoint)
+
+
+def plate_geometry(max_row: int, max_column: int) -> tuple[int, int]:
+    """The smallest standard plate (6 … 1536 wells) holding a zero-based row and 1-based column."""
+    for rows, columns in ((2, 3), (3, 4), (4, 6), (6, 8), (8, 12), (16, 24), (32, 48)):
+        if max_row < rows and max_column <= columns:
+            return rows, columns
+    return max(max_row + 1, 32), max(max_column, 48)
+

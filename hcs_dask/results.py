@@ -1,0 +1,130 @@
+"""What a run returns: one :class:`ExecutionResult` per well, gathered in a :class:`PlateResult`."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+#: Well statuses. ``ok`` means the well's arrays are in the store.
+STATUSES = ("ok", "failed", "worker_died", "timeout", "cancelled")
+
+
+@dataclass
+class ExecutionResult:
+    """The outcome of one well task.
+
+    ``memory`` holds what the cleanup left behind: ``rss_before_bytes``,
+    ``rss_after_cleanup_bytes``, ``backend_bytes_before``,
+    ``backend_bytes_after_cleanup``, ``gpu`` (per loaded framework: pool bytes
+    before and after cleanup) and ``cleanup_seconds``.
+    """
+
+    well: str
+    status: str
+    seconds: float = 0.0
+    started: float | None = None
+    finished: float | None = None
+    worker: str | None = None
+    pid: int | None = None
+    error_type: str | None = None
+    error: str | None = None
+    traceback: str | None = None
+    step: str | None = None
+    combination: dict[str, int] | None = None
+    cause: str | None = None
+    attempts: int = 1
+    memory: dict[str, Any] = field(default_factory=dict)
+    measurements: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == "ok"
+
+    def summary(self) -> dict[str, Any]:
+        """A flat, JSON-ready record (what ``--summary`` writes per well)."""
+        record = asdict(self)
+        record.pop("measurements")
+        memory = record.pop("memory")
+        record["memory"] = memory
+        for flat in ("rss_before_bytes", "rss_after_cleanup_bytes", "backend_bytes_before",
+                     "backend_bytes_after_cleanup", "cleanup_seconds"):
+            record[flat] = memory.get(flat)
+        return record
+
+
+@dataclass
+class PlateResult:
+    """All wells' results, with the measurement table."""
+
+    plate: str
+    output: str
+    wells: list[ExecutionResult]
+    seconds: float = 0.0
+    measurements_path: str | None = None
+
+    def counts(self) -> dict[str, int]:
+        counter = Counter(r.status for r in self.wells)
+        return {status: counter[status] for status in STATUSES if counter[status]} | {
+            s: n for s, n in counter.items() if s not in STATUSES
+        }
+
+    @property
+    def ok(self) -> bool:
+        return all(r.ok for r in self.wells)
+
+    def failures(self) -> list[ExecutionResult]:
+        return [r for r in self.wells if not r.ok]
+
+    def __getitem__(self, well: str) -> ExecutionResult:
+        for result in self.wells:
+            if result.well == well:
+                return result
+        raise KeyError(well)
+
+    @property
+    def measurements(self) -> pd.DataFrame:
+        """One row per well and per context a step measured in (e.g. per site)."""
+        rows = [row for result in self.wells for row in result.measurements]
+        if not rows:
+            return pd.DataFrame({"well": pd.Series([], dtype=str)})
+        frame = pd.DataFrame(rows)
+        keys = [c for c in ("well", "site", "channel", "z", "timepoint") if c in frame.columns]
+        return frame.sort_values(keys, kind="stable").reset_index(drop=True)
+
+    def table(self) -> pd.DataFrame:
+        """One row per well: status, timing, worker, error and cleanup figures."""
+        return pd.DataFrame([r.summary() for r in self.wells]).drop(columns=["traceback"])
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "plate": self.plate,
+            "output": self.output,
+            "measurements": self.measurements_path,
+            "seconds": round(self.seconds, 3),
+            "counts": self.counts(),
+            "wells": [r.summary() for r in self.wells],
+        }
+
+    def write_summary(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.summary(), indent=2, default=str))
+
+    def _repr_html_(self) -> str:
+        counts = ", ".join(f"{n} {s}" for s, n in self.counts().items())
+        head = f"<b>{self.plate}</b>: {len(self.wells)} wells ({counts}) in {self.seconds:.1f} s → <code>{self.output}</code>"
+        failures = self.failures()
+        if not failures:
+            return head
+        rows = "".join(
+            f"<tr><td>{r.well}</td><td>{r.status}</td><td>{r.step or ''}</td><td>{r.error_type or ''}: {r.error or r.cause or ''}</td></tr>"
+            for r in failures
+        )
+        return f"{head}<table><tr><th>well</th><th>status</th><th>step</th><th>error</th></tr>{rows}</table>"
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{n} {s}" for s, n in self.counts().items())
+        return f"PlateResult({self.plate!r}, {len(self.wells)} wells: {counts}, output={self.output!r})"
