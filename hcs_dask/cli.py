@@ -44,15 +44,16 @@ def _report(result: PlateResult, summary: str | None) -> None:
 
 
 def _run(graph: str, plate_path: str, output: str, *, device: str, workers: int | None,
-         threads_per_worker: int, scheduler: str | None, summary: str | None, overwrite: bool) -> PlateResult:
+         threads_per_worker: int, scheduler: str | None, summary: str | None, overwrite: bool,
+         **run_options: object) -> PlateResult:
     from hcs_dask.execute import run_plate
 
     try:
-        options = {"device": device} if device != "cpu" else {}
-        pipeline = load_pipeline(graph, **options)
+        graph_options = {"device": device} if device != "cpu" else {}
+        pipeline = load_pipeline(graph, **graph_options)
         plate = open_plate(plate_path)
         result = run_plate(plate, pipeline, output, scheduler=scheduler, n_workers=workers,
-                           threads_per_worker=threads_per_worker, overwrite=overwrite)
+                           threads_per_worker=threads_per_worker, overwrite=overwrite, **run_options)
     except INPUT_ERRORS as error:
         _fail_input(error)
     except ClusterError as error:
@@ -79,11 +80,24 @@ def main() -> None:
               help="Passed to the graph's make_pipeline(device=...).")
 @click.option("--summary", type=click.Path(), default=None, help="Write a JSON summary of every well here.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output.")
+@click.option("--resume", is_flag=True,
+              help="Re-run only the wells of an earlier run into OUTPUT whose status is not ok.")
+@click.option("--well-timeout", type=float, default=None,
+              help="Seconds a well may run; past it the well is 'timeout' and its worker is restarted.")
+@click.option("--memory-limit", default="auto", show_default=True,
+              help="Memory per worker of the embedded cluster (e.g. 4GB); a well past it ends 'worker_died'.")
+@click.option("--worker-death-retries", type=int, default=1, show_default=True,
+              help="How often a well whose worker died is tried again.")
+@click.option("--stall-timeout", type=float, default=300, show_default=True,
+              help="Seconds without progress after which the run reports which wells are stuck where.")
 def run(graph: str, plate: str, output: str, workers: int | None, threads_per_worker: int,
-        scheduler: str | None, device: str, summary: str | None, overwrite: bool) -> None:
+        scheduler: str | None, device: str, summary: str | None, overwrite: bool, resume: bool,
+        well_timeout: float | None, memory_limit: str, worker_death_retries: int, stall_timeout: float) -> None:
     """Run GRAPH (a pipeline file, or a bundled graph's name) on the PLATE folder."""
     result = _run(graph, plate, output, device=device, workers=workers, threads_per_worker=threads_per_worker,
-                  scheduler=scheduler, summary=summary, overwrite=overwrite)
+                  scheduler=scheduler, summary=summary, overwrite=overwrite, resume=resume,
+                  well_timeout=well_timeout, memory_limit=memory_limit,
+                  worker_death_retries=worker_death_retries, stall_timeout=stall_timeout)
     sys.exit(0 if result.ok else 1)
 
 

@@ -8,6 +8,17 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+import dask
+
+#: How the embedded scheduler treats worker deaths. hcs_dask retries a well whose
+#: worker died itself (``worker_death_retries``), so the scheduler must not: with
+#: ``allowed-failures`` 0 a death is reported at once as ``KilledWorker``. With
+#: ``worker-saturation`` 1.0 a worker holds only as many wells as it has threads, so
+#: a death implicates only the wells actually running there, never queued neighbours.
+EMBEDDED_SCHEDULER_CONFIG = {
+    "distributed.scheduler.allowed-failures": 0,
+    "distributed.scheduler.worker-saturation": 1.0,
+}
 
 class ClusterError(RuntimeError):
     """A cluster that cannot be started or reached, with what is missing."""
@@ -29,12 +40,15 @@ def connect(
     n_workers: int | None = None,
     threads_per_worker: int = 1,
     memory_limit: str | float | None = "auto",
+    cluster: str = "local",
     **cluster_options: Any,
 ) -> Iterator[Any]:
     """Yield a ``distributed.Client``: the given one, one for ``scheduler``, or an embedded cluster.
 
     Only what this function started is closed on exit; a client passed in stays open.
     ``scheduler`` is an address (``tcp://host:8786``) or the path of a scheduler file.
+    An external scheduler keeps its own ``allowed-failures`` (dask's default 3): it
+    retries a dead worker's tasks itself before hcs_dask sees ``KilledWorker``.
     """
     from distributed import Client, LocalCluster
 
@@ -54,16 +68,19 @@ def connect(
         finally:
             remote.close()
         return
-    cluster = LocalCluster(
-        n_workers=n_workers or available_cores(),
-        threads_per_worker=threads_per_worker,
-        processes=True,
-        memory_limit=memory_limit,
-        scheduler_port=0,
-        dashboard_address=":0",
-        silence_logs=logging.ERROR,
-        **cluster_options,
-    )
+    if cluster != "local":
+        raise ClusterError(f"unknown cluster kind {cluster!r}; use 'local'")
+    with dask.config.set(EMBEDDED_SCHEDULER_CONFIG):
+        cluster = LocalCluster(
+            n_workers=n_workers or available_cores(),
+            threads_per_worker=threads_per_worker,
+            processes=True,
+            memory_limit=memory_limit,
+            scheduler_port=0,
+            dashboard_address=":0",
+            silence_logs=logging.ERROR,
+            **cluster_options,
+        )
     try:
         with Client(cluster) as local:
             yield local

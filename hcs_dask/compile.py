@@ -13,11 +13,15 @@ from pathlib import Path
 
 from hcs_dask.pipeline import Pipeline, PipelineError
 from hcs_dask.plate import AXES, Plate, Well
-from hcs_dask.store import check_output, create_plate_layout, measurements_path
+from hcs_dask.store import Manifest, check_output, create_plate_layout, measurements_path
 
 
 class CompileError(ValueError):
     """A plate that cannot be run as it is (gaps, unknown image shape, …)."""
+
+
+class ResumeError(CompileError):
+    """A resume that would mix runs: another plate or pipeline, or no earlier run."""
 
 
 WELL_TASK_PREFIX = "hcs-well"
@@ -40,6 +44,7 @@ class WellPlan:
     channel_names: tuple[tuple[int, str], ...]
     pixel_size_um: tuple[float, float] | None
     z_step_um: float | None
+    manifest: bool = True
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -66,6 +71,8 @@ class PlateGraph:
     pipeline: Pipeline
     output: str
     plans: tuple[WellPlan, ...]
+    #: On resume: the manifest records of the wells already ``ok``, which are not re-run.
+    done: tuple[dict, ...] = ()
 
     def __len__(self) -> int:
         return len(self.plans)
@@ -108,7 +115,9 @@ def compile_plate(
     output: str | Path,
     *,
     overwrite: bool = False,
+    resume: bool = False,
     write_layout: bool = True,
+    manifest: bool = True,
 ) -> PlateGraph:
     """Validate ``plate`` × ``pipeline`` × ``output`` and plan every well; reads no pixels.
 
@@ -120,8 +129,15 @@ def compile_plate(
         The OME-Zarr plate to create (``.ome.zarr``).
     overwrite
         Replace an existing output. Without it an existing path is an error.
+    resume
+        Continue an earlier run into the same ``output``: plan only the wells whose
+        manifest status is not ``ok``, and leave every other file untouched. Refused
+        (``ResumeError``) if the plate or the pipeline differs from that run's.
     write_layout
         Write the plate/row/well groups now (the default). ``False`` plans only.
+    manifest
+        Keep the per-well manifest in the store (needed for ``resume``). Switching it
+        off exists to measure its cost.
 
     Raises
     ------
@@ -131,7 +147,16 @@ def compile_plate(
     pipeline.validate()
     check_sequential(pipeline)
     check_plate(plate)
-    output_path = check_output(output, overwrite=overwrite)
+    fingerprints = {"plate": plate.name, "plate_fingerprint": plate.fingerprint(),
+                    "pipeline": pipeline.name, "pipeline_fingerprint": pipeline.fingerprint()}
+    done: tuple[dict, ...] = ()
+    if resume:
+        output_path = Path(output).absolute()
+        done = _check_resume(output_path, fingerprints)
+        write_layout = False
+    else:
+        output_path = check_output(output, overwrite=overwrite)
+    finished = {record["well"] for record in done}
 
     axis_values = tuple((axis, plate.values(axis)) for axis in AXES)
     sequential = tuple(axis for axis in pipeline.sequential if len(plate.values(axis)) > 1)
@@ -146,9 +171,30 @@ def compile_plate(
             channel_names=plate.channel_names,
             pixel_size_um=plate.pixel_size_um,
             z_step_um=plate.z_step_um,
+            manifest=manifest,
         )
         for well in plate.wells
+        if well.name not in finished
     )
     if write_layout:
         create_plate_layout(output_path, plate, overwrite=overwrite)
-    return PlateGraph(plate=plate, pipeline=pipeline, output=str(output_path), plans=plans)
+        if manifest:
+            Manifest(output_path).write_run(fingerprints)
+    return PlateGraph(plate=plate, pipeline=pipeline, output=str(output_path), plans=plans, done=done)
+
+
+def _check_resume(output: Path, fingerprints: dict) -> tuple[dict, ...]:
+    """The ``ok`` records of the earlier run in ``output``, after checking it is the same run."""
+    manifest = Manifest(output)
+    earlier = manifest.read_run() if output.is_dir() else None
+    if earlier is None:
+        raise ResumeError(f"{output}: no earlier hcs_dask run to resume (no {Manifest.FOLDER}/run.json)")
+    for what in ("plate", "pipeline"):
+        if earlier.get(f"{what}_fingerprint") != fingerprints[f"{what}_fingerprint"]:
+            raise ResumeError(
+                f"{output}: cannot resume: the {what} differs from the earlier run's "
+                f"(earlier: {earlier.get(what)!r}, fingerprint {earlier.get(f'{what}_fingerprint')}; now: "
+                f"{fingerprints[what]!r}, fingerprint {fingerprints[f'{what}_fingerprint']}); "
+                "run into a new output, or use --overwrite"
+            )
+    return tuple(record for record in manifest.read_wells().values() if record.get("status") == "ok")

@@ -44,6 +44,8 @@ class StepContext:
     """Where a step call is: the well, and each axis' value (a tuple for stacked axes).
 
     ``logger`` is the ``hcs_dask.step`` logger, for messages that should name the well.
+    ``scope`` is the well's memory-backend scope (``put``/``get`` arrays by virtual path):
+    what a step stashes there lives until the well's cleanup, never longer.
     """
 
     well: str
@@ -53,6 +55,7 @@ class StepContext:
     timepoint: int | tuple[int, ...]
     step: str
     logger: logging.Logger = field(default=logging.getLogger("hcs_dask.step"), repr=False, compare=False)
+    scope: Any = field(default=None, repr=False, compare=False)
 
 
 def _as_axes(value: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
@@ -260,7 +263,12 @@ class Pipeline:
         # Always through cloudpickle: functions from a user's pipeline file are registered
         # to pickle by value, and plain pickle (which distributed tries first) would pickle
         # them by a module name that workers cannot import.
-        return (_pipeline_from_bytes, (cloudpickle.dumps((list(self.steps), self.name, self.sequential)),))
+        # The bytes are cached: a run pickles the same pipeline once per well.
+        blob = self.__dict__.get("_pickled")
+        if blob is None:
+            blob = cloudpickle.dumps((list(self.steps), self.name, self.sequential))
+            object.__setattr__(self, "_pickled", blob)
+        return (_pipeline_from_bytes, (blob,))
 
     def uses_gpu(self) -> bool:
         return any(step.array_type != "numpy" for step in self.steps)

@@ -233,14 +233,14 @@ class CleanupPlugin(WorkerPlugin):
                     if self._task_running(key):
                         skipped_running += 1  # re-submitted and running again
                         continue
-                    freed = backend.reset_scope(key)
+                    freed = backend.reset_scope_if_idle(key)
                     backend_freed += freed
                     scopes_reset += freed > 0
                 if self.reset_idle_scopes:
                     for key in backend.scope_keys():
                         if self._task_running(key):
                             continue
-                        freed = backend.reset_scope(key)
+                        freed = backend.reset_scope_if_idle(key)
                         backend_freed += freed
                         scopes_reset += freed > 0
                 if self.release_gpu:

@@ -45,6 +45,15 @@ class ExecutionResult:
     def ok(self) -> bool:
         return self.status == "ok"
 
+    def record(self) -> dict[str, Any]:
+        """Everything, as JSON-ready data: the well's manifest record in the store."""
+        return asdict(self)
+
+    @classmethod
+    def from_record(cls, record: dict[str, Any]) -> ExecutionResult:
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: v for k, v in record.items() if k in known})
+
     def summary(self) -> dict[str, Any]:
         """A flat, JSON-ready record (what ``--summary`` writes per well)."""
         record = asdict(self)

@@ -12,7 +12,10 @@ file on disk however many chunks it has.
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
@@ -77,11 +80,107 @@ def create_plate_layout(output: str | Path, plate: Plate, *, overwrite: bool = F
         field_count=len(plate.sites),
         name=plate.name,
     )
-    images = [{"path": str(i)} for i in range(len(plate.sites))]
+    # A well lists no images until its task has written them all (see commit_well):
+    # after a crash, a half-written well is present on disk but referenced by nothing.
     for well in plate.wells:
         group = root.require_group(f"{well.row}/{well.column}")
-        write_well_metadata(group, images, fmt=FORMAT)
+        write_well_metadata(group, [], fmt=FORMAT)
     return output
+
+
+def _well_group(output: str | Path, row: str, column: int) -> zarr.Group:
+    return zarr.open_group(zarr.storage.LocalStore(output), path=f"{row}/{column}", mode="r+", zarr_format=3)
+
+
+def reset_well(output: str | Path, row: str, column: int) -> None:
+    """Before a well (re)runs: unlist its images and remove fields left by an earlier attempt."""
+    group = _well_group(output, row, column)
+    if group.attrs.get("ome", {}).get("well", {}).get("images"):
+        write_well_metadata(group, [], fmt=FORMAT)
+    folder = Path(output) / row / str(column)
+    for child in folder.iterdir():
+        if child.is_dir():
+            shutil.rmtree(child)
+
+
+def commit_well(output: str | Path, row: str, column: int, fields: Sequence[int], *, durable: bool = True) -> None:
+    """List a well's fields in its metadata: the point from which the well's data count.
+
+    With ``durable``, every file of the well is flushed to disk first, so that a
+    listed field is complete even after a power cut, not only after a process kill.
+    """
+    folder = Path(output) / row / str(column)
+    if durable:
+        for directory, _, files in os.walk(folder):
+            for name in files:
+                _fsync(os.path.join(directory, name))
+    write_well_metadata(_well_group(output, row, column), [{"path": str(f)} for f in fields], fmt=FORMAT)
+    if durable:
+        _fsync(str(folder / "zarr.json"))
+
+
+def _fsync(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Manifest:
+    """The run's record inside the store: ``hcs_dask/run.json`` and one file per well.
+
+    ``run.json`` (written once, by the client) holds the plate's and the pipeline's
+    fingerprints, so that a resume with a different plate or pipeline is refused.
+    ``wells/<well>.json`` is written by that well's task (``running``, then its outcome)
+    or by the client when the task could not (worker death, timeout). No two wells
+    ever write the same file, and every write is an atomic rename.
+    """
+
+    FOLDER = "hcs_dask"
+
+    def __init__(self, output: str | Path) -> None:
+        self.output = Path(output)
+        self.folder = self.output / self.FOLDER
+
+    def write_run(self, info: dict) -> None:
+        (self.folder / "wells").mkdir(parents=True, exist_ok=True)
+        _atomic_write(self.folder / "run.json", {**info, "created": time.time()})
+
+    def read_run(self) -> dict | None:
+        try:
+            return json.loads((self.folder / "run.json").read_text())
+        except FileNotFoundError:
+            return None
+
+    def write_well(self, record: dict) -> None:
+        _atomic_write(self.folder / "wells" / f"{record['well']}.json", record)
+
+    def read_well(self, well: str) -> dict | None:
+        try:
+            return json.loads((self.folder / "wells" / f"{well}.json").read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def read_wells(self) -> dict[str, dict]:
+        records = {}
+        folder = self.folder / "wells"
+        if folder.is_dir():
+            for path in folder.glob("*.json"):
+                try:
+                    records[path.stem] = json.loads(path.read_text())
+                except json.JSONDecodeError:
+                    continue  # a torn write cannot happen (atomic rename); be lenient anyway
+        return records
+
+
+def _atomic_write(path: Path, data: dict) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(temporary, "w") as handle:
+        json.dump(data, handle, default=str)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(temporary, path)
 
 
 def pyramid_levels(shape_yx: Sequence[int], *, max_levels: int = 3, min_size: int = 64) -> int:

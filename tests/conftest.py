@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import shutil
 from pathlib import Path
 
@@ -14,13 +13,11 @@ DATA = Path(__file__).parent / "data"
 @pytest.fixture(scope="session")
 def client():
     """A real two-worker, single-threaded LocalCluster, shared by the tests that only submit wells."""
-    from distributed import Client, LocalCluster
+    from hcs_dask.cluster import connect
 
-    cluster = LocalCluster(n_workers=2, threads_per_worker=1, processes=True, scheduler_port=0,
-                           dashboard_address=":0", silence_logs=logging.ERROR)
-    with Client(cluster) as session_client:
+    # The same embedded cluster run_plate starts by itself (scheduler settings included).
+    with connect(n_workers=2, threads_per_worker=1) as session_client:
         yield session_client
-    cluster.close()
 
 
 @pytest.fixture(scope="session")

@@ -480,6 +480,10 @@ def _present_values(places: set[_Place]) -> dict[str, tuple[int, ...]]:
 
 
 # -------------------------------------------------------------------- headers
+class _DamagedImage(PlateError):
+    """One file that cannot be read. Not the plate's fault: its well fails when it runs."""
+
+
 class _Header(NamedTuple):
     path: str
     shape: tuple[int, ...]
@@ -522,7 +526,7 @@ def _read_header(root: str, path: str, size: int | None) -> _Header:
             compressed = page.compression != 1
             end = max((o + c for o, c in zip(page.dataoffsets, page.databytecounts)), default=0)
     except Exception as error:  # tifffile raises many types for broken files
-        raise PlateError(f"cannot read the TIFF header of {full}: {error}") from error
+        raise _DamagedImage(f"cannot read the TIFF header of {full}: {error}") from error
     if dtype is None:
         raise PlateError(f"{full} has a pixel type numpy cannot represent")
     if n_pages != 1:
@@ -530,7 +534,7 @@ def _read_header(root: str, path: str, size: int | None) -> _Header:
     if len(shape) != 2:
         raise PlateError(f"{full} is not a 2-D grayscale image (shape {shape})")
     if size is not None and not compressed and end > size:
-        raise PlateError(f"{full} is truncated: its pixels end at byte {end} but the file has {size}")
+        raise _DamagedImage(f"{full} is truncated: its pixels end at byte {end} but the file has {size}")
     props = _metaseries_props(description)
     return _Header(path, shape, str(dtype), _pixel_size(props), _as_float(props.get("z-position")))
 
@@ -570,7 +574,16 @@ def _read_headers(
     root: str, scan: _Scan, notes: list[str]
 ) -> tuple[tuple[int, int], str, tuple[float, float] | None]:
     sizes = {path: size for (_, size), path in scan.size_groups.items()}
-    headers = [_read_header(root, path, sizes.get(path)) for path in _representatives(scan, notes)]
+    headers = []
+    for path in _representatives(scan, notes):
+        try:
+            headers.append(_read_header(root, path, sizes.get(path)))
+        except _DamagedImage as damage:
+            # One broken file must not stop the plate: its well fails with this path
+            # when it runs, and every other well is processed.
+            notes.append(f"damaged image, its well will fail: {damage}")
+    if not headers:
+        raise PlateError(f"plate {root}: no image header could be read; " + "; ".join(notes[-3:]))
     by_shape: dict[tuple[int, ...], list[str]] = {}
     by_dtype: dict[str, list[str]] = {}
     for header in headers:

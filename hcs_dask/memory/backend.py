@@ -38,37 +38,44 @@ class Scope:
     def __init__(self, key: ScopeKey) -> None:
         self.key = key
 
+    # Every access holds the registry lock: another thread may be summing the whole
+    # process's bytes (or resetting idle scopes) while this task mutates its own scope.
     def _entries(self) -> dict[str, Any]:
-        with _lock:
-            return _scopes.setdefault(self.key, {})
+        return _scopes.setdefault(self.key, {})
 
     def put(self, path: str, array: Any) -> None:
         """Store ``array`` under the virtual ``path`` (replacing what was there)."""
-        self._entries()[path] = array
+        with _lock:
+            self._entries()[path] = array
 
     def get(self, path: str) -> Any:
-        try:
-            return self._entries()[path]
-        except KeyError:
-            raise KeyError(f"memory backend scope {self.key!r} has no {path!r}") from None
+        with _lock:
+            try:
+                return self._entries()[path]
+            except KeyError:
+                raise KeyError(f"memory backend scope {self.key!r} has no {path!r}") from None
 
     def pop(self, path: str) -> Any:
-        return self._entries().pop(path)
+        with _lock:
+            return self._entries().pop(path)
 
     def delete_prefix(self, prefix: str) -> int:
         """Drop every path under ``prefix``; returns the bytes released."""
-        entries = self._entries()
-        doomed = [p for p in entries if p.startswith(prefix)]
-        return sum(_nbytes(entries.pop(p)) for p in doomed)
+        with _lock:
+            entries = self._entries()
+            doomed = [entries.pop(p) for p in [p for p in entries if p.startswith(prefix)]]
+        return sum(_nbytes(value) for value in doomed)
 
     def paths(self, prefix: str = "") -> list[str]:
-        return sorted(p for p in self._entries() if p.startswith(prefix))
+        with _lock:
+            return sorted(p for p in self._entries() if p.startswith(prefix))
 
     def nbytes(self) -> int:
         return nbytes(self.key)
 
     def __len__(self) -> int:
-        return len(self._entries())
+        with _lock:
+            return len(self._entries())
 
 
 def open_scope(key: ScopeKey) -> Scope:
@@ -122,11 +129,20 @@ def reset_scope(key: ScopeKey) -> int:
     return freed
 
 
+def reset_scope_if_idle(key: ScopeKey) -> int:
+    """Free the scope of ``key`` unless its task is running; check and free are one step."""
+    with _lock:
+        if key in _active:
+            return 0
+        entries = _scopes.pop(key, None)
+    return sum(_nbytes(v) for v in entries.values()) if entries else 0
+
+
 def reset_idle_scopes() -> int:
     """Free every scope whose task is not running (the worker plugin's safety net)."""
     with _lock:
         idle = [key for key in _scopes if key not in _active]
-    return sum(reset_scope(key) for key in idle)
+    return sum(reset_scope_if_idle(key) for key in idle)
 
 
 def reset_memory_backend() -> int:
