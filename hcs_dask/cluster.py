@@ -1,9 +1,22 @@
-"""Where wells run: an embedded LocalCluster, a LocalCUDACluster, or an existing scheduler."""
+"""Where wells run: an embedded LocalCluster, a LocalCUDACluster, or an existing scheduler.
+
+``connect(cluster="cuda")`` starts a ``dask_cuda.LocalCUDACluster``: one single-threaded
+worker per GPU, each offering ``resources={"GPU": 1}`` (the tasks of GPU pipelines ask for
+it), with the RMM options that matter for a long run of wells. Nothing GPU is imported
+at package import: :func:`check_cluster` finds out whether dask-cuda, RMM and a CUDA
+device are there without importing any of them (it asks NVML, then ``nvidia-smi``, and
+imports CuPy only when neither answers), so ``--cluster cuda`` on a machine without a
+GPU fails at once with a :class:`ClusterError` that names what is missing.
+"""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
+import shutil
+import subprocess
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
@@ -20,8 +33,36 @@ EMBEDDED_SCHEDULER_CONFIG = {
     "distributed.scheduler.worker-saturation": 1.0,
 }
 
+#: The kinds of embedded cluster.
+CLUSTER_KINDS = ("local", "cuda")
+
+#: The RMM options of ``connect(cluster="cuda")`` and their defaults (see :func:`connect`).
+RMM_OPTIONS: dict[str, Any] = {
+    "rmm_pool_size": None,
+    "rmm_maximum_pool_size": None,
+    "rmm_async": False,
+    "rmm_release_threshold": None,
+    "rmm_managed_memory": False,
+    "rmm_for_cupy": False,
+    "rmm_reinitialize_pool": False,
+}
+_RMM_SIZES = ("rmm_pool_size", "rmm_maximum_pool_size", "rmm_release_threshold")
+_RMM_FLAGS = ("rmm_async", "rmm_managed_memory", "rmm_for_cupy", "rmm_reinitialize_pool")
+
+#: What to install for ``cluster="cuda"``.
+GPU_INSTALL_HINT = "pip install 'hcs-dask[gpu]'"
+
+
 class ClusterError(RuntimeError):
     """A cluster that cannot be started or reached, with what is missing."""
+
+
+class ClusterOptionError(ClusterError, ValueError):
+    """Cluster options that are malformed or contradict each other; nothing was started.
+
+    A :class:`ValueError` (a wrong argument) and a :class:`ClusterError` (so that the
+    command line reports it like any cluster that cannot start: exit status 2).
+    """
 
 
 def available_cores() -> int:
@@ -32,6 +73,237 @@ def available_cores() -> int:
         return os.cpu_count() or 1
 
 
+# ----------------------------------------------------------------------- checks
+def check_cluster(
+    cluster: str = "local",
+    *,
+    n_workers: int | None = None,
+    threads_per_worker: int = 1,
+    **cluster_options: Any,
+) -> None:
+    """Raise now if the embedded cluster :func:`connect` would start cannot start.
+
+    Starts nothing and imports no GPU library (CuPy only as the last way to count
+    devices, when neither NVML nor ``nvidia-smi`` can). Call it before writing any
+    output; :func:`connect` calls it too.
+
+    Parameters
+    ----------
+    cluster : {"local", "cuda"}
+        The kind of embedded cluster.
+    n_workers, threads_per_worker, **cluster_options
+        As given to :func:`connect`.
+
+    Raises
+    ------
+    ClusterOptionError
+        (a ``ValueError``) An unknown kind, RMM options with ``cluster="local"``,
+        malformed or contradicting RMM options, or more than one thread per GPU worker.
+    ClusterError
+        For ``"cuda"``: what is missing, all of it in one message: dask-cuda (with
+        the ``pip install`` line), RMM or CuPy where the options need them, a CUDA
+        device, or as many devices as ``n_workers``.
+    """
+    if cluster not in CLUSTER_KINDS:
+        raise ClusterOptionError(f"unknown cluster kind {cluster!r}; use 'local' or 'cuda'")
+    if cluster == "local":
+        given = sorted(name for name in cluster_options if name.startswith("rmm_"))
+        if given:
+            raise ClusterOptionError(
+                f"{', '.join(given)}: RMM options apply to cluster='cuda' (--cluster cuda) only"
+            )
+        return
+    options = _cuda_options(threads_per_worker, cluster_options)
+    missing = _cuda_missing(options, n_workers)
+    if missing:
+        raise ClusterError(
+            "cannot start a LocalCUDACluster (--cluster cuda): " + "; ".join(missing)
+            + ". Without a GPU, run with --cluster local and --device cpu"
+        )
+
+
+def _cuda_options(threads_per_worker: int, cluster_options: dict[str, Any]) -> dict[str, Any]:
+    """The RMM options with their defaults filled in, validated; raises ClusterOptionError."""
+    unknown = sorted(n for n in cluster_options if n.startswith("rmm_") and n not in RMM_OPTIONS)
+    if unknown:
+        raise ClusterOptionError(f"unknown RMM option(s) {', '.join(unknown)}; the options are "
+                                 f"{', '.join(RMM_OPTIONS)}")
+    if threads_per_worker != 1:
+        # One well at a time per GPU anyway (each task asks for the worker's one GPU), and
+        # only a single-threaded worker may run the exclusive cleaners (RMM re-initialisation).
+        raise ClusterOptionError(
+            f"cluster='cuda' runs one single-threaded worker per GPU; threads_per_worker={threads_per_worker} "
+            "is not supported"
+        )
+    options = {name: cluster_options.get(name, default) for name, default in RMM_OPTIONS.items()}
+    for name in _RMM_FLAGS:
+        if not isinstance(options[name], bool):
+            raise ClusterOptionError(f"{name} must be True or False, not {options[name]!r}")
+    for name in _RMM_SIZES:
+        _check_size(name, options[name])
+    pool, maximum, threshold = (options[name] for name in _RMM_SIZES)
+    if options["rmm_async"] and options["rmm_managed_memory"]:
+        raise ClusterOptionError("rmm_async and rmm_managed_memory cannot be combined: the asynchronous "
+                                 "allocator does not allocate managed memory")
+    if threshold is not None and not options["rmm_async"]:
+        raise ClusterOptionError("rmm_release_threshold needs rmm_async: only the asynchronous allocator "
+                                 "gives memory above a threshold back to the driver")
+    if pool is not None and options["rmm_async"]:
+        raise ClusterOptionError(
+            "rmm_pool_size cannot be combined with rmm_async: the asynchronous allocator grows its own "
+            "pool (bound it with rmm_maximum_pool_size, give memory back with rmm_release_threshold)"
+        )
+    if maximum is not None and pool is None and not options["rmm_async"]:
+        raise ClusterOptionError("rmm_maximum_pool_size needs rmm_pool_size (or rmm_async): it bounds a pool")
+    if options["rmm_reinitialize_pool"] and pool is None:
+        raise ClusterOptionError(
+            "rmm_reinitialize_pool needs rmm_pool_size: only an RMM pool keeps its memory until it is "
+            "re-initialised (the asynchronous allocator returns it by rmm_release_threshold)"
+        )
+    return options
+
+
+def _check_size(name: str, value: Any) -> None:
+    """Bytes (int), a fraction of the device's memory (float in (0, 1]), or a string like "4GB"."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ClusterOptionError(f"{name} must be bytes (int), a fraction of the device's memory (float) "
+                                 f"or a size like '4GB', not {value!r}")
+    if isinstance(value, int):
+        if value < 0:
+            raise ClusterOptionError(f"{name} must not be negative, got {value}")
+        return
+    if isinstance(value, float):
+        if not 0.0 < value <= 1.0:
+            raise ClusterOptionError(f"{name}={value!r}: a float is a fraction of the device's memory, "
+                                     "0 < f <= 1; give bytes as an int or a size like '4GB'")
+        return
+    try:
+        fraction = float(value)
+    except ValueError:
+        fraction = None
+    if fraction is not None and "." in value:
+        if not 0.0 < fraction <= 1.0:
+            raise ClusterOptionError(f"{name}={value!r}: a fraction of the device's memory must be in (0, 1]")
+        return
+    try:
+        dask.utils.parse_bytes(value)
+    except ValueError as error:
+        raise ClusterOptionError(f"{name}={value!r} is not a size: {error}") from None
+
+
+def _rmm_requested(options: dict[str, Any]) -> bool:
+    return any(options[name] != default for name, default in RMM_OPTIONS.items())
+
+
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported, without importing it."""
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):  # a parent package that fails, or a broken __spec__
+        return False
+
+
+def _cuda_missing(options: dict[str, Any], n_workers: int | None) -> list[str]:
+    missing = []
+    if not _installed("dask_cuda"):
+        missing.append(f"dask-cuda is not installed ({GPU_INSTALL_HINT})")
+    if _rmm_requested(options) and not _installed("rmm"):
+        given = [name for name, default in RMM_OPTIONS.items() if options[name] != default]
+        missing.append(f"RMM is not installed and {', '.join(given)} need(s) it ({GPU_INSTALL_HINT})")
+    if options["rmm_for_cupy"] and not _installed("cupy"):
+        missing.append(f"CuPy is not installed and rmm_for_cupy needs it ({GPU_INSTALL_HINT})")
+    count, source = cuda_device_count()
+    if count == 0:
+        missing.append(f"no CUDA device found ({source})")
+    elif n_workers is not None and n_workers > count:
+        missing.append(f"n_workers={n_workers} but {count} CUDA device(s) ({source}): one worker per GPU")
+    return missing
+
+
+# ---------------------------------------------------------------------- devices
+def cuda_device_count() -> tuple[int, str]:
+    """How many CUDA devices this process may use, and how that was found out.
+
+    Asks the cheapest source that answers: ``CUDA_VISIBLE_DEVICES`` when it hides
+    every device, then NVML (``pynvml``, from nvidia-ml-py, a dependency of
+    dask-cuda; creates no CUDA context), then ``nvidia-smi -L``, and only then CuPy
+    (an import of a second or more). Never raises.
+
+    Returns
+    -------
+    count : int
+        Devices found (0 when none, or when no source could tell).
+    source : str
+        The source that answered, or why each one could not.
+    """
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return 0, f"CUDA_VISIBLE_DEVICES={visible!r} hides every device"
+    notes = []
+    for ask in (_devices_from_nvml, _devices_from_nvidia_smi, _devices_from_cupy):
+        count, note = ask()
+        if count is None:
+            notes.append(note)
+            continue
+        if visible is not None and count > 0:
+            count = min(count, len([entry for entry in visible.split(",") if entry.strip()]))
+            note += f", CUDA_VISIBLE_DEVICES={visible!r}"
+        return count, note
+    return 0, "; ".join(notes)
+
+
+def _devices_from_nvml() -> tuple[int | None, str]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the old `pynvml` wrapper warns that it is deprecated
+            import pynvml
+    except ImportError:
+        return None, "NVML: nvidia-ml-py is not installed"
+    try:
+        pynvml.nvmlInit()
+    except Exception as error:  # NVMLError_LibraryNotFound, _DriverNotLoaded, ...
+        return None, f"NVML: {type(error).__name__}: {error}"
+    try:
+        return int(pynvml.nvmlDeviceGetCount()), "NVML"
+    except Exception as error:
+        return None, f"NVML: {type(error).__name__}: {error}"
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:  # nothing left to undo
+            pass
+
+
+def _devices_from_nvidia_smi() -> tuple[int | None, str]:
+    executable = shutil.which("nvidia-smi")
+    if executable is None:
+        return None, "nvidia-smi: not on PATH"
+    try:
+        listed = subprocess.run([executable, "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired) as error:
+        return None, f"nvidia-smi: {type(error).__name__}: {error}"
+    if listed.returncode != 0:
+        last = (listed.stderr or listed.stdout).strip().splitlines()[-1:] or ["no output"]
+        return None, f"nvidia-smi -L exited {listed.returncode}: {last[0]}"
+    return sum(line.startswith("GPU ") for line in listed.stdout.splitlines()), "nvidia-smi"
+
+
+def _devices_from_cupy() -> tuple[int | None, str]:
+    try:
+        import cupy
+    except ImportError:
+        return None, "CuPy: not installed"
+    except Exception as error:  # a CuPy whose CUDA libraries fail to load
+        return None, f"CuPy: {type(error).__name__}: {error}"
+    try:
+        return int(cupy.cuda.runtime.getDeviceCount()), "CuPy"
+    except Exception as error:  # CUDARuntimeError without a driver
+        return None, f"CuPy: {type(error).__name__}: {error}"
+
+
+# ---------------------------------------------------------------------- connect
 @contextmanager
 def connect(
     *,
@@ -46,12 +318,67 @@ def connect(
     """Yield a ``distributed.Client``: the given one, one for ``scheduler``, or an embedded cluster.
 
     Only what this function started is closed on exit; a client passed in stays open.
-    ``scheduler`` is an address (``tcp://host:8786``) or the path of a scheduler file.
     An external scheduler keeps its own ``allowed-failures`` (dask's default 3): it
     retries a dead worker's tasks itself before hcs_dask sees ``KilledWorker``.
+
+    Parameters
+    ----------
+    client : distributed.Client, optional
+        Use this client.
+    scheduler : str, optional
+        An address (``tcp://host:8786``) or the path of a scheduler file.
+    n_workers, threads_per_worker, memory_limit
+        The embedded cluster's workers (``"local"``: default one per core;
+        ``"cuda"``: default one per visible GPU, and one thread each) and their host
+        memory limit.
+    cluster : {"local", "cuda"}
+        ``"local"``: ``distributed.LocalCluster(processes=True)``. ``"cuda"``:
+        ``dask_cuda.LocalCUDACluster``, whose workers offer ``resources={"GPU": 1}``.
+    **cluster_options
+        Passed to the cluster class (e.g. ``resources``, ``CUDA_VISIBLE_DEVICES``),
+        except these RMM options of ``"cuda"``:
+
+        ``rmm_pool_size``
+            An RMM pool of this size per worker (bytes, a fraction of the device's
+            memory as a float, or a size such as ``"8GB"``).
+        ``rmm_maximum_pool_size``
+            The most the pool (or, with ``rmm_async``, the allocator) may hold.
+        ``rmm_async``
+            Use the CUDA asynchronous allocator (``cudaMallocAsync``) instead of a pool.
+        ``rmm_release_threshold``
+            With ``rmm_async``: memory the allocator keeps; above it, freed memory goes
+            back to the driver at the cleanup's device synchronisation.
+        ``rmm_managed_memory``
+            Allocate managed (unified) memory, which can exceed the device's.
+        ``rmm_for_cupy``
+            Make RMM CuPy's allocator on every worker, so that CuPy's memory lives in
+            (and is cleaned through) RMM instead of CuPy's own pool.
+        ``rmm_reinitialize_pool``
+            With ``rmm_pool_size``: re-initialise the pool after every well, giving
+            back what it grew by (see :func:`hcs_dask.memory.gpu.configure_rmm_cleanup`).
+
+    Yields
+    ------
+    distributed.Client
+
+    Raises
+    ------
+    ClusterOptionError
+        (a ``ValueError``) Malformed or contradicting options; ``cluster="cuda"`` or
+        RMM options together with ``client`` or ``scheduler``.
+    ClusterError
+        A scheduler that cannot be reached, or a CUDA cluster that cannot start,
+        naming what is missing (see :func:`check_cluster`).
     """
     from distributed import Client, LocalCluster
 
+    if client is not None or scheduler is not None:
+        given = [name for name in cluster_options if name.startswith("rmm_") and cluster_options[name]]
+        if cluster != "local" or given:
+            raise ClusterOptionError(
+                f"cluster={cluster!r} {' '.join(given)} configures an embedded cluster; it cannot be "
+                "combined with an existing client or scheduler"
+            )
     if client is not None:
         yield client
         return
@@ -68,10 +395,13 @@ def connect(
         finally:
             remote.close()
         return
-    if cluster != "local":
-        raise ClusterError(f"unknown cluster kind {cluster!r}; use 'local'")
+    check_cluster(cluster, n_workers=n_workers, threads_per_worker=threads_per_worker, **cluster_options)
+    if cluster == "cuda":
+        with _cuda_client(n_workers, memory_limit, cluster_options) as cuda_client:
+            yield cuda_client
+        return
     with dask.config.set(EMBEDDED_SCHEDULER_CONFIG):
-        cluster = LocalCluster(
+        local_cluster = LocalCluster(
             n_workers=n_workers or available_cores(),
             threads_per_worker=threads_per_worker,
             processes=True,
@@ -82,7 +412,73 @@ def connect(
             **cluster_options,
         )
     try:
-        with Client(cluster) as local:
+        with Client(local_cluster) as local:
             yield local
     finally:
-        cluster.close()
+        local_cluster.close()
+
+
+@contextmanager
+def _cuda_client(n_workers: int | None, memory_limit: str | float | None,
+                 cluster_options: dict[str, Any]) -> Iterator[Any]:
+    from distributed import Client
+
+    options = _cuda_options(1, cluster_options)
+    passed = {name: value for name, value in cluster_options.items() if name not in RMM_OPTIONS}
+    resources = {"GPU": 1, **passed.pop("resources", {})}
+    try:
+        import dask_cuda
+    except Exception as error:  # ImportError, or a CUDA library of its dependencies that fails to load
+        raise ClusterError(f"dask-cuda cannot be imported: {type(error).__name__}: {error} "
+                           f"({GPU_INSTALL_HINT})") from error
+    with dask.config.set(EMBEDDED_SCHEDULER_CONFIG):
+        try:
+            cuda_cluster = dask_cuda.LocalCUDACluster(
+                n_workers=n_workers,
+                threads_per_worker=1,
+                memory_limit=memory_limit,
+                scheduler_port=0,
+                dashboard_address=":0",
+                silence_logs=logging.ERROR,
+                resources=resources,
+                rmm_pool_size=options["rmm_pool_size"],
+                rmm_maximum_pool_size=options["rmm_maximum_pool_size"],
+                rmm_async=options["rmm_async"],
+                rmm_release_threshold=options["rmm_release_threshold"],
+                rmm_managed_memory=options["rmm_managed_memory"],
+                rmm_allocator_external_lib_list=["cupy"] if options["rmm_for_cupy"] else None,
+                **passed,
+            )
+        except Exception as error:
+            raise ClusterError(f"the LocalCUDACluster did not start: {type(error).__name__}: {error}") from error
+    try:
+        with Client(cuda_cluster) as cuda_client:
+            if options["rmm_reinitialize_pool"]:
+                # After dask-cuda's own RMM set-up on each worker (it ran before the
+                # worker joined): the cleanup re-creates the pool with the same options.
+                cuda_client.run(_configure_rmm_reinitialize, options["rmm_pool_size"],
+                                options["rmm_maximum_pool_size"], options["rmm_managed_memory"])
+            yield cuda_client
+    finally:
+        cuda_cluster.close()
+
+
+def _configure_rmm_reinitialize(pool_size: Any, maximum_pool_size: Any, managed_memory: bool) -> dict[str, Any]:
+    """On a worker: make the well's cleanup re-initialise the RMM pool dask-cuda created.
+
+    The sizes are parsed as dask-cuda parsed them for this worker's device, so the
+    re-initialised pool is the pool the worker started with. A worker that the
+    nanny restarts gets dask-cuda's pool again, but not this setting.
+    """
+    from dask_cuda.utils import parse_device_bytes
+
+    from hcs_dask.memory import gpu
+
+    options = {
+        "pool_allocator": True,
+        "managed_memory": managed_memory,
+        "initial_pool_size": parse_device_bytes(pool_size, alignment_size=256),
+        "maximum_pool_size": parse_device_bytes(maximum_pool_size, alignment_size=256),
+    }
+    gpu.configure_rmm_cleanup(reinitialize_pool=True, **options)
+    return options

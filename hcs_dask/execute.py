@@ -11,6 +11,7 @@ then is the outcome looked at: an exception becomes a ``failed`` record,
 from __future__ import annotations
 
 import gc
+import itertools
 import logging
 import os
 import queue
@@ -211,11 +212,14 @@ class _WellRun:
                     f"the pipeline's output for site {site} is not a full (t, c, z) grid: "
                     f"{len(coords)} images for {[len(v) for v in extents.values()]} values"
                 )
-            sample = to_host(scope.get(state[coords[0]]), self.conversions)
-            block = np.empty([len(v) for v in extents.values()] + list(sample.shape), dtype=sample.dtype)
-            for coord in coords:
-                index = tuple(extents[name].index(coord[i]) for name, i in _OUTPUT_AXES)
-                block[index] = to_host(scope.get(state[coord]), self.conversions)
+            position = {tuple(c[i] for _, i in _OUTPUT_AXES): c for c in coords}
+            grid = [extents[name] for name, _ in _OUTPUT_AXES]
+            images = [scope.get(state[position[index]]) for index in itertools.product(*grid)]
+            # Stacked where the images are (np.stack dispatches to CuPy for device arrays),
+            # so a GPU pipeline's output comes back to the host in one copy per field.
+            block = to_host(np.stack(images), self.conversions)
+            del images
+            block = block.reshape(*(len(v) for v in grid), *block.shape[1:])
             writer = self.writers.get(site)
             if writer is None:
                 writer = self.writers[site] = FieldWriter(
@@ -227,7 +231,9 @@ class _WellRun:
             for name, i in _OUTPUT_AXES:
                 axis = AXES[i]
                 if axis in combination:
-                    index_by_axis.append(plan.values(axis).index(combination[axis]))
+                    # A slice, not an int: the block keeps this axis, with length one.
+                    position = plan.values(axis).index(combination[axis])
+                    index_by_axis.append(slice(position, position + 1))
                 else:
                     index_by_axis.append(slice(None))
             if "t" not in writer.layout.axes:

@@ -234,14 +234,18 @@ class FieldWriter:
             y = layout.shape[-2] // 2**level
             x = layout.shape[-1] // 2**level
             shape = (*lead, y, x)
-            chunks = (*(1 for _ in lead), min(CHUNK_YX, y), min(CHUNK_YX, x))
+            chunk_y, chunk_x = min(CHUNK_YX, y), min(CHUNK_YX, x)
+            chunks = (*(1 for _ in lead), chunk_y, chunk_x)
+            # One shard holds the whole level; its edge must be a whole number of chunks
+            # (2160 px is not a multiple of 256), so it is rounded up past the array's edge.
+            shard = (*lead, -(-y // chunk_y) * chunk_y, -(-x // chunk_x) * chunk_x)
             arrays.append(
                 group.create_array(
                     str(level),
                     shape=shape,
                     dtype=layout.dtype,
                     chunks=chunks,
-                    shards=shape,
+                    shards=shard,
                     dimension_names=layout.axes,
                     fill_value=0,
                 )

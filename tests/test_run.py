@@ -126,3 +126,28 @@ def test_sequential_timepoints_write_every_slice(tmp_path, client):
     for t_index, t in enumerate(plate.timepoints):
         planes = [tifffile.imread(f"{plate.root}/{p}") for k, p in well.files if k.timepoint == t]
         np.testing.assert_array_equal(written[t_index, 0, 0], np.max(planes, axis=0))
+
+
+@pytest.mark.parametrize("size", [64, 320], ids=["64px", "320px-not-a-chunk-multiple"])
+def test_sequential_timepoints_with_several_channels_and_planes(tmp_path, client, size):
+    from hcs_dask.formats import write_synthetic_plate
+
+    root = write_synthetic_plate(tmp_path / "tp", wells=1, sites=2, channels=2, z=2, timepoints=3, size=size, seed=2)
+    plate = open_plate(root)
+    pipeline = Pipeline([Step(scale_up, name="scale")], sequential="timepoint")
+    output = tmp_path / "t.ome.zarr"
+    result = run_plate(plate, pipeline, output, client=client)
+    assert result.ok, result.failures()
+    well = plate.wells[0]
+    for site_index, site in enumerate(plate.sites):
+        written = zarr.open_array(output / "A" / "1" / str(site_index) / "0", mode="r")[:]
+        assert written.shape == (3, 2, 2, size, size)
+        for key, path in well.files:
+            if key.site == site:
+                index = (plate.timepoints.index(key.timepoint), plate.channels.index(key.channel),
+                         plate.zs.index(key.z))
+                np.testing.assert_array_equal(written[index], tifffile.imread(f"{plate.root}/{path}") * 2)
+
+
+def scale_up(image):
+    return image * 2

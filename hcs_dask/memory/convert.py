@@ -8,7 +8,6 @@ imported inside the functions, so importing this module never loads them.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,7 +75,3 @@ def to_host(array: Any, counter: ConversionCounter | None = None) -> np.ndarray:
     """The array as numpy (one device-to-host copy for device arrays)."""
     return to_array_type(array, "numpy", counter)
 
-
-def gpu_loaded() -> bool:
-    """Whether a GPU array library is imported in this process (never imports one)."""
-    return any(name in sys.modules for name in ("cupy", "torch"))
