@@ -11,12 +11,8 @@ Run it with ``hcs-dask run max_projection PLATE -o OUT.ome.zarr``, or
 
 from __future__ import annotations
 
-from hcs_dask.pipeline import Pipeline, PipelineError, Step
+from hcs_dask.pipeline import Pipeline, Step, array_type_for
 from hcs_dask.steps import max_projection
-
-#: ``device`` -> the array type every step receives.
-ARRAY_TYPES = {"cpu": "numpy", "gpu": "cupy"}
-
 
 def make_pipeline(device: str = "cpu") -> Pipeline:
     """The max-projection pipeline on ``device``.
@@ -35,10 +31,8 @@ def make_pipeline(device: str = "cpu") -> Pipeline:
     PipelineError
         If ``device`` is neither ``"cpu"`` nor ``"gpu"``.
     """
-    if device not in ARRAY_TYPES:
-        raise PipelineError(f"max_projection: device must be 'cpu' or 'gpu', got {device!r}")
     return Pipeline(
-        [Step(max_projection, stack="z", name="max_projection", array_type=ARRAY_TYPES[device])],
+        [Step(max_projection, stack="z", name="max_projection", array_type=array_type_for(device))],
         name="max_projection",
     )
 

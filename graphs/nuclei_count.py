@@ -33,12 +33,8 @@ every step on CuPy arrays), or ``load_pipeline("nuclei_count", device="gpu")``.
 
 from __future__ import annotations
 
-from hcs_dask.pipeline import Pipeline, PipelineError, Step
+from hcs_dask.pipeline import Pipeline, Step, array_type_for
 from hcs_dask.steps import count_nuclei, max_projection, smooth, subtract_background
-
-#: ``device`` -> the array type every step receives.
-ARRAY_TYPES = {"cpu": "numpy", "gpu": "cupy"}
-
 
 def make_pipeline(device: str = "cpu") -> Pipeline:
     """The nuclei-count pipeline on ``device``.
@@ -57,9 +53,7 @@ def make_pipeline(device: str = "cpu") -> Pipeline:
     PipelineError
         If ``device`` is neither ``"cpu"`` nor ``"gpu"``.
     """
-    if device not in ARRAY_TYPES:
-        raise PipelineError(f"nuclei_count: device must be 'cpu' or 'gpu', got {device!r}")
-    array_type = ARRAY_TYPES[device]
+    array_type = array_type_for(device)
     return Pipeline(
         [
             # No radius: the default follows the image size (see subtract_background).

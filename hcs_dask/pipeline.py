@@ -39,6 +39,24 @@ class PipelineError(ValueError):
     """A pipeline or pipeline file that cannot run, with a sentence naming the step."""
 
 
+#: ``--device`` → the array type the steps of a bundled graph receive.
+DEVICE_ARRAY_TYPES = {"cpu": "numpy", "gpu": "cupy"}
+
+
+def array_type_for(device: str) -> str:
+    """The step ``array_type`` for a ``device`` (``"cpu"`` → numpy, ``"gpu"`` → cupy).
+
+    Raises
+    ------
+    PipelineError
+        For any other device.
+    """
+    try:
+        return DEVICE_ARRAY_TYPES[device]
+    except KeyError:
+        raise PipelineError(f"device must be 'cpu' or 'gpu', got {device!r}") from None
+
+
 @dataclass(frozen=True)
 class StepContext:
     """Where a step call is: the well, and each axis' value (a tuple for stacked axes).
