@@ -122,6 +122,39 @@ class PlateResult:
     def write_summary(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.summary(), indent=2, default=str))
 
+    def plot_plate(self, column: str = "nuclei_count", *, aggregate: str = "mean", ax: Any = None) -> Any:
+        """A plate map of one measurement: a heat map of ``column`` per well.
+
+        Wells that measured nothing (failed, or not imaged) stay blank. Returns the
+        matplotlib ``Axes``.
+        """
+        import matplotlib.pyplot as plt
+        import numpy as np
+
+        from hcs_dask.plate import row_index, row_name, split_well_name
+
+        table = self.measurements
+        if column not in table.columns:
+            known = ", ".join(c for c in table.columns if c not in ("well", "site", "timepoint", "channel", "z"))
+            raise KeyError(f"no measurement {column!r}; measured: {known or 'nothing'}")
+        per_well = table.groupby("well")[column].agg(aggregate)
+        positions = {well: split_well_name(well) for well in [r.well for r in self.wells]}
+        n_rows = max(row_index(r) for r, _ in positions.values()) + 1
+        n_columns = max(c for _, c in positions.values())
+        n_rows, n_columns = max(n_rows, 8), max(n_columns, 12)
+        grid = np.full((n_rows, n_columns), np.nan)
+        for well, value in per_well.items():
+            row, column_number = positions.get(well, split_well_name(well))
+            grid[row_index(row), column_number - 1] = value
+        if ax is None:
+            _, ax = plt.subplots(figsize=(1 + n_columns * 0.5, 1 + n_rows * 0.45))
+        image = ax.imshow(grid, cmap="viridis")
+        ax.set_xticks(range(n_columns), [str(c + 1) for c in range(n_columns)])
+        ax.set_yticks(range(n_rows), [row_name(r) for r in range(n_rows)])
+        ax.set_title(f"{self.plate}: {column} ({aggregate} per well)")
+        ax.figure.colorbar(image, ax=ax, shrink=0.8)
+        return ax
+
     def _repr_html_(self) -> str:
         counts = ", ".join(f"{n} {s}" for s, n in self.counts().items())
         head = f"<b>{self.plate}</b>: {len(self.wells)} wells ({counts}) in {self.seconds:.1f} s → <code>{self.output}</code>"
