@@ -90,14 +90,38 @@ def main() -> None:
               help="How often a well whose worker died is tried again.")
 @click.option("--stall-timeout", type=float, default=300, show_default=True,
               help="Seconds without progress after which the run reports which wells are stuck where.")
+@click.option("--cluster", type=click.Choice(["local", "cuda"]), default="local", show_default=True,
+              help="The embedded cluster: 'local' (one worker per core) or 'cuda' (dask-cuda: one worker "
+                   "per GPU, offering the GPU resource that --device gpu steps ask for).")
+@click.option("--rmm-pool-size", default=None,
+              help="--cluster cuda: an RMM pool per GPU worker: bytes, a size such as 8GB, or a fraction "
+                   "of the device's memory such as 0.5.")
+@click.option("--rmm-maximum-pool-size", default=None,
+              help="--cluster cuda: the most the RMM pool (or the async allocator) may hold.")
+@click.option("--rmm-async", is_flag=True,
+              help="--cluster cuda: RMM's asynchronous allocator (cudaMallocAsync) instead of a pool.")
+@click.option("--rmm-release-threshold", default=None,
+              help="--cluster cuda --rmm-async: memory the allocator keeps; freed memory above it goes "
+                   "back to the driver at each well's cleanup.")
+@click.option("--rmm-managed-memory", is_flag=True, help="--cluster cuda: RMM allocates managed (unified) memory.")
+@click.option("--rmm-for-cupy", is_flag=True,
+              help="--cluster cuda: RMM becomes CuPy's allocator on every worker; CuPy's memory is then "
+                   "cleaned through RMM.")
+@click.option("--rmm-reinitialize-pool", is_flag=True,
+              help="--cluster cuda --rmm-pool-size: re-create the pool after every well, giving back what "
+                   "it grew by.")
 def run(graph: str, plate: str, output: str, workers: int | None, threads_per_worker: int,
         scheduler: str | None, device: str, summary: str | None, overwrite: bool, resume: bool,
-        well_timeout: float | None, memory_limit: str, worker_death_retries: int, stall_timeout: float) -> None:
+        well_timeout: float | None, memory_limit: str, worker_death_retries: int, stall_timeout: float,
+        cluster: str, **rmm_options: object) -> None:
     """Run GRAPH (a pipeline file, or a bundled graph's name) on the PLATE folder."""
+    # Only the RMM options given: flags left off are no options at all.
+    given = {name: value for name, value in rmm_options.items() if value not in (None, False)}
     result = _run(graph, plate, output, device=device, workers=workers, threads_per_worker=threads_per_worker,
                   scheduler=scheduler, summary=summary, overwrite=overwrite, resume=resume,
                   well_timeout=well_timeout, memory_limit=memory_limit,
-                  worker_death_retries=worker_death_retries, stall_timeout=stall_timeout)
+                  worker_death_retries=worker_death_retries, stall_timeout=stall_timeout,
+                  cluster=cluster, cluster_options=given)
     sys.exit(0 if result.ok else 1)
 
 

@@ -77,37 +77,51 @@ def available_cores() -> int:
 def check_cluster(
     cluster: str = "local",
     *,
+    client: Any = None,
+    scheduler: str | None = None,
     n_workers: int | None = None,
     threads_per_worker: int = 1,
     **cluster_options: Any,
 ) -> None:
-    """Raise now if the embedded cluster :func:`connect` would start cannot start.
+    """Raise now what :func:`connect` with these arguments would raise before starting anything.
 
-    Starts nothing and imports no GPU library (CuPy only as the last way to count
-    devices, when neither NVML nor ``nvidia-smi`` can). Call it before writing any
-    output; :func:`connect` calls it too.
+    Starts nothing, reaches no scheduler, and imports no GPU library (CuPy only as the
+    last way to count devices, when neither NVML nor ``nvidia-smi`` can). Call it
+    before writing any output; :func:`connect` calls it too.
 
     Parameters
     ----------
     cluster : {"local", "cuda"}
         The kind of embedded cluster.
-    n_workers, threads_per_worker, **cluster_options
+    client, scheduler, n_workers, threads_per_worker, **cluster_options
         As given to :func:`connect`.
 
     Raises
     ------
     ClusterOptionError
-        (a ``ValueError``) An unknown kind, RMM options with ``cluster="local"``,
-        malformed or contradicting RMM options, or more than one thread per GPU worker.
+        (a ``ValueError``) An unknown kind; ``cluster="cuda"`` or RMM options together
+        with ``client`` or ``scheduler``; RMM options with ``cluster="local"``;
+        malformed or contradicting RMM options; more than one thread per GPU worker.
     ClusterError
         For ``"cuda"``: what is missing, all of it in one message: dask-cuda (with
         the ``pip install`` line), RMM or CuPy where the options need them, a CUDA
         device, or as many devices as ``n_workers``.
     """
+    # RMM options left at their defaults (None, False: as the command line passes them) are no options.
+    given = [f"{name}={value!r}" for name, value in cluster_options.items()
+             if name.startswith("rmm_") and value not in (None, False)]
+    if client is not None or scheduler is not None:
+        if cluster != "local":
+            given.insert(0, f"cluster={cluster!r}")
+        if given:
+            raise ClusterOptionError(
+                f"{', '.join(given)} configure(s) an embedded cluster; it cannot be combined with an "
+                f"existing {'client' if client is not None else 'scheduler'}"
+            )
+        return
     if cluster not in CLUSTER_KINDS:
         raise ClusterOptionError(f"unknown cluster kind {cluster!r}; use 'local' or 'cuda'")
     if cluster == "local":
-        given = sorted(name for name in cluster_options if name.startswith("rmm_"))
         if given:
             raise ClusterOptionError(
                 f"{', '.join(given)}: RMM options apply to cluster='cuda' (--cluster cuda) only"
@@ -372,13 +386,8 @@ def connect(
     """
     from distributed import Client, LocalCluster
 
-    if client is not None or scheduler is not None:
-        given = [name for name in cluster_options if name.startswith("rmm_") and cluster_options[name]]
-        if cluster != "local" or given:
-            raise ClusterOptionError(
-                f"cluster={cluster!r} {' '.join(given)} configures an embedded cluster; it cannot be "
-                "combined with an existing client or scheduler"
-            )
+    check_cluster(cluster, client=client, scheduler=scheduler, n_workers=n_workers,
+                  threads_per_worker=threads_per_worker, **cluster_options)
     if client is not None:
         yield client
         return
@@ -395,11 +404,11 @@ def connect(
         finally:
             remote.close()
         return
-    check_cluster(cluster, n_workers=n_workers, threads_per_worker=threads_per_worker, **cluster_options)
     if cluster == "cuda":
         with _cuda_client(n_workers, memory_limit, cluster_options) as cuda_client:
             yield cuda_client
         return
+    passed = {name: value for name, value in cluster_options.items() if not name.startswith("rmm_")}
     with dask.config.set(EMBEDDED_SCHEDULER_CONFIG):
         local_cluster = LocalCluster(
             n_workers=n_workers or available_cores(),
@@ -409,7 +418,7 @@ def connect(
             scheduler_port=0,
             dashboard_address=":0",
             silence_logs=logging.ERROR,
-            **cluster_options,
+            **passed,
         )
     try:
         with Client(local_cluster) as local:

@@ -509,8 +509,18 @@ def run_plate(
     PlateResult
         One :class:`ExecutionResult` per well, and the measurements DataFrame.
     """
+    from hcs_dask.cluster import check_cluster, connect
+
+    # A cluster that cannot start (--cluster cuda without dask-cuda or a GPU, contradicting
+    # RMM options) fails here, before compile_plate writes the output's layout.
+    check_cluster(cluster, client=client, scheduler=scheduler, n_workers=n_workers,
+                  threads_per_worker=threads_per_worker, **(cluster_options or {}))
+    if pipeline.uses_gpu():  # likewise a GPU pipeline on a cluster without GPUs
+        if client is not None:
+            _require_gpu_workers(client, pipeline)
+        elif scheduler is None and cluster == "local" and "resources" not in (cluster_options or {}):
+            raise _no_gpu_error(pipeline)
     graph = compile_plate(plate, pipeline, output, overwrite=overwrite, resume=resume, manifest=manifest)
-    from hcs_dask.cluster import connect
 
     with connect(client=client, scheduler=scheduler, n_workers=n_workers, threads_per_worker=threads_per_worker,
                  memory_limit=memory_limit, cluster=cluster, **(cluster_options or {})) as active:
@@ -777,16 +787,20 @@ class _PlateDriver:
 
 def _require_gpu_workers(client: Any, pipeline: Pipeline) -> None:
     """Fail at once, not hang in ``no-worker``, when a GPU pipeline meets a cluster without GPUs."""
-    from hcs_dask.cluster import ClusterError
-
     workers = client.scheduler_info(n_workers=-1)["workers"].values()
     if not any(worker.get("resources", {}).get("GPU") for worker in workers):
-        steps = ", ".join(s.name for s in pipeline.steps if s.array_type != "numpy")
-        raise ClusterError(
-            f"pipeline {pipeline.name!r} has GPU steps ({steps}) but no worker of this cluster offers "
-            "resources={'GPU': ...}; run with --cluster cuda (run_plate(cluster='cuda')), or start "
-            "dask-cuda workers with --resources GPU=1"
-        )
+        raise _no_gpu_error(pipeline)
+
+
+def _no_gpu_error(pipeline: Pipeline) -> Exception:
+    from hcs_dask.cluster import ClusterError
+
+    steps = ", ".join(s.name for s in pipeline.steps if s.array_type != "numpy")
+    return ClusterError(
+        f"pipeline {pipeline.name!r} has GPU steps ({steps}) but no worker of this cluster offers "
+        "resources={'GPU': ...}; run with --cluster cuda (run_plate(cluster='cuda')), or start "
+        "dask-cuda workers with --resources GPU=1"
+    )
 
 
 #: Exit status of a worker process ended by hcs_dask after a well timeout.

@@ -151,3 +151,9 @@ def test_synth_then_demo(tmp_path):
     assert completed.returncode == 0, completed.stderr
     assert "2 ok" in completed.stdout
     assert "output:" in completed.stdout and (tmp_path / "demo" / "nuclei_count.ome.zarr").is_dir()
+
+
+def test_gpu_graph_on_a_cpu_cluster_exits_2_and_writes_nothing(synthetic_plate, tmp_path):
+    output = tmp_path / "o.ome.zarr"
+    _assert_input_error(["run", "nuclei_count", str(synthetic_plate), "-o", str(output), "--device", "gpu"],
+                        ["GPU steps", "--cluster cuda"], output)

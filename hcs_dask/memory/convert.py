@@ -45,13 +45,18 @@ def to_array_type(array: Any, target: str, counter: ConversionCounter | None = N
     source = array_type_of(array)
     if source == target:
         return array
-    if counter is not None:
+    converted = _convert(array, source, target)
+    if counter is not None:  # counted once it happened: a failed conversion moved nothing
         counter.conversions += 1
         nbytes = int(getattr(array, "nbytes", 0) or 0)
         if source == "numpy":
             counter.host_to_device_bytes += nbytes
         elif target == "numpy":
             counter.device_to_host_bytes += nbytes
+    return converted
+
+
+def _convert(array: Any, source: str, target: str) -> Any:
     if target == "numpy":
         if source == "cupy":
             return array.get()

@@ -457,8 +457,22 @@ _rmm_config: dict[str, Any] = {}
 _RMM_REINITIALIZE: Final = "rmm-reinitialize"
 
 
+def _rmm_in_use() -> bool:
+    """Whether this process set RMM up (``rmm.reinitialize``, as dask-cuda's RMM options do).
+
+    distributed imports RMM wherever it is installed, so "loaded" is not enough: asking
+    an uninitialised RMM for its resource would start CUDA in a CPU-only worker (or fail
+    there without a driver).
+    """
+    rmm: Any = _loaded("rmm")
+    is_initialized = getattr(rmm, "is_initialized", None)
+    return bool(is_initialized()) if callable(is_initialized) else True
+
+
 def _rmm_resources() -> list[Any]:
-    """The current device resource and its upstream chain (adaptors first)."""
+    """The current device resource and its upstream chain (adaptors first); none if RMM is unused."""
+    if not _rmm_in_use():
+        return []
     rmm: Any = _loaded("rmm")
     resource = rmm.mr.get_current_device_resource()
     chain: list[Any] = []
