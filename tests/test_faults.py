@@ -138,6 +138,18 @@ def test_output_error_fails_only_the_affected_well(tmp_path, faults, client):
     assert "A/2/0" in failed.error  # zarr names the path it could not write
 
 
+def _start_slow_run(tmp_path, faults, *, wells: int, seed: int):
+    """``hcs-dask run`` as a separate process on a plate whose wells take a second each."""
+    root = write_synthetic_plate(tmp_path / "plate", wells=wells, sites=1, channels=1, z=2, size=32, seed=seed)
+    faults.write_text(json.dumps({w.name: "slow" for w in open_plate(root).wells}))
+    output = tmp_path / "run.ome.zarr"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "hcs_dask.cli", "run", str(GRAPH), str(root), "-o", str(output), "--workers", "2"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ),
+    )
+    return root, output, process
+
+
 def _children(pid: int) -> list[psutil.Process]:
     try:
         return psutil.Process(pid).children(recursive=True)
@@ -147,13 +159,7 @@ def _children(pid: int) -> list[psutil.Process]:
 
 @pytest.mark.slow
 def test_sigkill_of_the_run_leaves_a_valid_store_and_no_workers(tmp_path, faults):
-    root = write_synthetic_plate(tmp_path / "plate", wells=12, sites=1, channels=1, z=2, size=32, seed=5)
-    faults.write_text(json.dumps({w.name: "slow" for w in open_plate(root).wells}))
-    output = tmp_path / "killed.ome.zarr"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "hcs_dask.cli", "run", str(GRAPH), str(root), "-o", str(output), "--workers", "2"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ),
-    )
+    root, output, process = _start_slow_run(tmp_path, faults, wells=12, seed=5)
     manifest = Manifest(output)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -195,13 +201,7 @@ def test_sigkill_of_the_run_leaves_a_valid_store_and_no_workers(tmp_path, faults
 
 @pytest.mark.slow
 def test_ctrl_c_stops_the_run_and_its_cluster(tmp_path, faults):
-    root = write_synthetic_plate(tmp_path / "plate", wells=8, sites=1, channels=1, z=2, size=32, seed=6)
-    faults.write_text(json.dumps({w.name: "slow" for w in open_plate(root).wells}))
-    output = tmp_path / "interrupted.ome.zarr"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "hcs_dask.cli", "run", str(GRAPH), str(root), "-o", str(output), "--workers", "2"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=dict(os.environ),
-    )
+    _, output, process = _start_slow_run(tmp_path, faults, wells=8, seed=6)
     manifest = Manifest(output)
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and "ok" not in [r.get("status") for r in manifest.read_wells().values()]:

@@ -12,19 +12,14 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 import pytest
+from gpu_support import require_cuda_device
 
 from hcs_dask import load_pipeline, open_plate, run_plate, write_synthetic_plate
 from hcs_dask.cluster import _installed, connect
 
 pytestmark = pytest.mark.gpu
 
-cupy = pytest.importorskip("cupy")
-try:
-    _DEVICES = int(cupy.cuda.runtime.getDeviceCount())
-except Exception:  # no driver: CUDARuntimeError
-    _DEVICES = 0
-if _DEVICES == 0:
-    pytest.skip("no CUDA device", allow_module_level=True)
+cupy = require_cuda_device()
 
 MIB = 1 << 20
 #: What a pool may still hold after a well's cleanup: CuPy keeps nothing, RMM its initial pool.

@@ -8,18 +8,13 @@ from __future__ import annotations
 import sys
 
 import pytest
+from gpu_support import require_cuda_device
 
 from hcs_dask.memory import gpu
 
 pytestmark = pytest.mark.gpu
 
-cupy = pytest.importorskip("cupy")
-try:
-    _DEVICES = int(cupy.cuda.runtime.getDeviceCount())
-except Exception:  # no driver: CUDARuntimeError
-    _DEVICES = 0
-if _DEVICES == 0:
-    pytest.skip("no CUDA device", allow_module_level=True)
+cupy = require_cuda_device()
 
 MIB = 1 << 20
 
