@@ -28,9 +28,18 @@ import dask
 #: ``allowed-failures`` 0 a death is reported at once as ``KilledWorker``. With
 #: ``worker-saturation`` 1.0 a worker holds only as many wells as it has threads, so
 #: a death implicates only the wells actually running there, never queued neighbours.
+#:
+#: Dask's nanny sets ``MALLOC_TRIM_THRESHOLD_=65536`` in every worker. Setting it at
+#: all turns off glibc's adaptive mmap threshold, so every image-sized array
+#: (≥ 128 KiB) is a fresh ``mmap`` whose pages fault in one by one and go back to the
+#: kernel on free: about 100 ms of a 500 ms well on the standard benchmark plate
+#: (``bench/throughput.py``). hcs_dask frees a well's arrays itself (the cleanup
+#: guarantee), and glibc reuses them for the next well, so the workers start without it.
+#: A value the user exported in the shell is kept.
 EMBEDDED_SCHEDULER_CONFIG = {
     "distributed.scheduler.allowed-failures": 0,
     "distributed.scheduler.worker-saturation": 1.0,
+    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
 }
 
 #: The kinds of embedded cluster.

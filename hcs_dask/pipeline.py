@@ -146,6 +146,9 @@ class Step:
         object.__setattr__(self, "array_type", array_type)
         object.__setattr__(self, "kwargs", MappingProxyType(dict(kwargs or {})))
         self.validate()
+        # Asked for every image group of every well: inspect.signature once, here.
+        object.__setattr__(self, "_takes_context",
+                           {channel: _declares_context(f) for channel, f in self.functions().items()})
 
     def __repr__(self) -> str:
         return f"Step({self.name!r}, stack={self.stack!r})"
@@ -165,7 +168,7 @@ class Step:
         return self.over if self.over is not None else tuple(a for a in AXES if a not in self.stack)
 
     def takes_context(self, channel: int | None = None) -> bool:
-        return _declares_context(self.functions()[channel])
+        return self._takes_context[channel]
 
     def validate(self) -> None:
         """Raise :class:`PipelineError` with a sentence naming this step if it cannot run."""

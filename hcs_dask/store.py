@@ -8,6 +8,12 @@ No file is ever written by two tasks, so 1536 wells cost 16× what 96 do.
 Metadata dictionaries are produced by ``ome_zarr.writer``; arrays are plain
 zarr v3 arrays with one shard per field level, so a field's level is a single
 file on disk however many chunks it has.
+
+Every ``zarr.json`` is made by zarr itself, on an in-memory store, and then
+copied to disk as bytes (:func:`_metadata_files`). Creating the same nodes
+through a ``LocalStore`` costs several milliseconds each in zarr's async
+round-trips, which on a 1536-well plate or a 4-field well is most of the
+time spent outside the pipeline (``bench/io.py``, ``bench/scaling.py``).
 """
 
 from __future__ import annotations
@@ -16,9 +22,11 @@ import json
 import os
 import shutil
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import zarr
@@ -60,47 +68,86 @@ def check_output(output: str | Path, *, overwrite: bool) -> Path:
     return output
 
 
+def _metadata_files(build: Callable[[zarr.Group], Any]) -> dict[str, bytes]:
+    """The ``zarr.json`` files zarr writes for ``build(group)`` run on an empty in-memory group.
+
+    Keys are store paths (``"zarr.json"``, ``"0/zarr.json"``, …); no chunk data is written.
+    """
+    files: dict[str, Any] = {}
+    build(zarr.open_group(zarr.storage.MemoryStore(files), mode="w", zarr_format=3))
+    return {key: buffer.to_bytes() for key, buffer in files.items()}
+
+
+def _write_file(path: Path, data: bytes, *, atomic: bool = False) -> None:
+    if not atomic:
+        path.write_bytes(data)
+        return
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temporary.write_bytes(data)
+    os.replace(temporary, path)
+
+
+@lru_cache(maxsize=64)
+def _well_metadata(fields: tuple[int, ...]) -> bytes:
+    """A well's ``zarr.json`` listing these fields; wells mostly list the same ones, so it is cached."""
+    images = [{"path": str(f)} for f in fields]
+    return _metadata_files(lambda group: write_well_metadata(group, images, fmt=FORMAT))["zarr.json"]
+
+
 def create_plate_layout(output: str | Path, plate: Plate, *, overwrite: bool = False) -> Path:
     """Write the plate, row and well groups once, on the client.
 
-    The field groups below each well are the well task's to write.
+    The field groups below each well are the well task's to write. Every well
+    starts with the same document (no images), so it is made once and copied.
     """
     output = check_output(output, overwrite=overwrite)
     if output.exists():
         shutil.rmtree(output)
-    root = zarr.open_group(zarr.storage.LocalStore(output), mode="w", zarr_format=3)
     rows = sorted({w.row for w in plate.wells}, key=plate.row_names().index)
     columns = sorted({str(w.column) for w in plate.wells}, key=int)
-    write_plate_metadata(
-        root,
+    plate_files = _metadata_files(lambda group: write_plate_metadata(
+        group,
         rows=rows,
         columns=columns,
         wells=[f"{w.row}/{w.column}" for w in plate.wells],
         fmt=FORMAT,
         field_count=len(plate.sites),
         name=plate.name,
-    )
+    ))
+    row_document = _metadata_files(lambda group: None)["zarr.json"]
     # A well lists no images until its task has written them all (see commit_well):
     # after a crash, a half-written well is present on disk but referenced by nothing.
+    well_document = _well_metadata(())
+    output.mkdir()
+    _write_file(output / "zarr.json", plate_files["zarr.json"])
+    for row in rows:
+        (output / row).mkdir()
+        _write_file(output / row / "zarr.json", row_document)
     for well in plate.wells:
-        group = root.require_group(f"{well.row}/{well.column}")
-        write_well_metadata(group, [], fmt=FORMAT)
+        folder = output / well.row / str(well.column)
+        folder.mkdir()
+        _write_file(folder / "zarr.json", well_document)
     return output
 
 
-def _well_group(output: str | Path, row: str, column: int) -> zarr.Group:
-    return zarr.open_group(zarr.storage.LocalStore(output), path=f"{row}/{column}", mode="r+", zarr_format=3)
+def _listed_images(output: str | Path, row: str, column: int) -> list:
+    document = json.loads((Path(output) / row / str(column) / "zarr.json").read_bytes())
+    return document.get("attributes", {}).get("ome", {}).get("well", {}).get("images", [])
 
 
 def reset_well(output: str | Path, row: str, column: int) -> None:
     """Before a well (re)runs: unlist its images and remove fields left by an earlier attempt."""
-    group = _well_group(output, row, column)
-    if group.attrs.get("ome", {}).get("well", {}).get("images"):
-        write_well_metadata(group, [], fmt=FORMAT)
     folder = Path(output) / row / str(column)
-    for child in folder.iterdir():
-        if child.is_dir():
-            shutil.rmtree(child)
+    if _listed_images(output, row, column):
+        _write_file(folder / "zarr.json", _well_metadata(()), atomic=True)
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+
+
+#: fsync waits on the disk, not the CPU: a few threads flush a well's files together.
+_FLUSHERS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hcs-dask-fsync")
 
 
 def commit_well(output: str | Path, row: str, column: int, fields: Sequence[int], *, durable: bool = True) -> None:
@@ -108,13 +155,13 @@ def commit_well(output: str | Path, row: str, column: int, fields: Sequence[int]
 
     With ``durable``, every file of the well is flushed to disk first, so that a
     listed field is complete even after a power cut, not only after a process kill.
+    The listing itself is an atomic rename, so a reader sees the old list or the new one.
     """
     folder = Path(output) / row / str(column)
     if durable:
-        for directory, _, files in os.walk(folder):
-            for name in files:
-                _fsync(os.path.join(directory, name))
-    write_well_metadata(_well_group(output, row, column), [{"path": str(f)} for f in fields], fmt=FORMAT)
+        paths = [os.path.join(directory, name) for directory, _, files in os.walk(folder) for name in files]
+        list(_FLUSHERS.map(_fsync, paths))
+    _write_file(folder / "zarr.json", _well_metadata(tuple(fields)), atomic=True)
     if durable:
         _fsync(str(folder / "zarr.json"))
 
@@ -154,7 +201,10 @@ class Manifest:
             return None
 
     def write_well(self, record: dict) -> None:
-        _atomic_write(self.folder / "wells" / f"{record['well']}.json", record)
+        # A "running" record lost to a power cut reads as "not started": both mean the
+        # well runs again on resume, so only outcomes are worth an fsync.
+        _atomic_write(self.folder / "wells" / f"{record['well']}.json", record,
+                      durable=record.get("status") != "running")
 
     def read_well(self, well: str) -> dict | None:
         try:
@@ -174,12 +224,13 @@ class Manifest:
         return records
 
 
-def _atomic_write(path: Path, data: dict) -> None:
+def _atomic_write(path: Path, data: dict, *, durable: bool = True) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(temporary, "w") as handle:
         json.dump(data, handle, default=str)
-        handle.flush()
-        os.fsync(handle.fileno())
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
     os.replace(temporary, path)
 
 
@@ -224,56 +275,26 @@ class FieldWriter:
         self._arrays: list[zarr.Array] | None = None
 
     def create(self) -> None:
-        layout = self.layout
+        """Write the field's group and empty level arrays; metadata comes from :func:`_field_template`."""
+        files, metadata = _field_template(self.layout)
+        folder = self.output / self.path
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        group = json.loads(files["zarr.json"])
+        group["attributes"]["ome"]["multiscales"][0]["name"] = self.path
+        for key, data in files.items():
+            if key != "zarr.json":
+                (folder / key).parent.mkdir(exist_ok=True)
+                _write_file(folder / key, data)
+        _write_file(folder / "zarr.json", json.dumps(group, indent=2).encode())
         store = zarr.storage.LocalStore(self.output)
-        group = zarr.open_group(store, path=self.path, mode="w", zarr_format=3)
-        arrays = []
-        datasets = []
-        lead = layout.shape[:-2]
-        for level in range(layout.levels):
-            y = layout.shape[-2] // 2**level
-            x = layout.shape[-1] // 2**level
-            shape = (*lead, y, x)
-            chunk_y, chunk_x = min(CHUNK_YX, y), min(CHUNK_YX, x)
-            chunks = (*(1 for _ in lead), chunk_y, chunk_x)
-            # One shard holds the whole level; its edge must be a whole number of chunks
-            # (2160 px is not a multiple of 256), so it is rounded up past the array's edge.
-            shard = (*lead, -(-y // chunk_y) * chunk_y, -(-x // chunk_x) * chunk_x)
-            arrays.append(
-                group.create_array(
-                    str(level),
-                    shape=shape,
-                    dtype=layout.dtype,
-                    chunks=chunks,
-                    shards=shard,
-                    dimension_names=layout.axes,
-                    fill_value=0,
-                )
-            )
-            datasets.append({"path": str(level), "coordinateTransformations": [
-                {"type": "scale", "scale": self._scale(level)}]})
-        units = {a: "micrometer" for a in ("z", "y", "x") if a in layout.axes and self._has_unit(a)}
-        write_multiscales_metadata(
-            group,
-            datasets,
-            fmt=FORMAT,
-            axes=list(layout.axes),
-            axes_units=units or None,
-            name=self.path,
-            metadata={"omero": _omero(layout.channel_names)},
-        )
-        self._arrays = arrays
+        # The arrays are opened from the metadata in hand, not read back from disk.
+        self._arrays = [
+            zarr.Array(zarr.AsyncArray(metadata=level, store_path=zarr.storage.StorePath(store, f"{self.path}/{i}")))
+            for i, level in enumerate(metadata)
+        ]
 
-    def _has_unit(self, axis: str) -> bool:
-        if axis == "z":
-            return self.layout.z_step_um is not None
-        return self.layout.pixel_size_um is not None
-
-    def _scale(self, level: int) -> list[float]:
-        layout = self.layout
-        py, px = layout.pixel_size_um or (1.0, 1.0)
-        scale = {"t": 1.0, "c": 1.0, "z": layout.z_step_um or 1.0, "y": py * 2**level, "x": px * 2**level}
-        return [float(scale[a]) for a in layout.axes]
 
     def write(self, index: tuple[int | slice, ...], data: np.ndarray) -> None:
         """Write ``data`` (covering full y and x) at ``index`` over the leading axes, every level."""
@@ -284,6 +305,61 @@ class FieldWriter:
             if level:
                 data = downsample(data)
             array[index] = data[..., : array.shape[-2], : array.shape[-1]]
+
+
+@lru_cache(maxsize=64)
+def _field_template(layout: FieldLayout) -> tuple[dict[str, bytes], tuple[Any, ...]]:
+    """A field's ``zarr.json`` files (the multiscales name left empty) and its level arrays' metadata.
+
+    The wells of a plate share a handful of layouts, so each is built once per process.
+    """
+    arrays = []
+
+    def build(group: zarr.Group) -> None:
+        datasets = []
+        lead = layout.shape[:-2]
+        for level in range(layout.levels):
+            y = layout.shape[-2] // 2**level
+            x = layout.shape[-1] // 2**level
+            chunk_y, chunk_x = min(CHUNK_YX, y), min(CHUNK_YX, x)
+            # One shard holds the whole level; its edge must be a whole number of chunks
+            # (2160 px is not a multiple of 256), so it is rounded up past the array's edge.
+            arrays.append(group.create_array(
+                str(level),
+                shape=(*lead, y, x),
+                dtype=layout.dtype,
+                chunks=(*(1 for _ in lead), chunk_y, chunk_x),
+                shards=(*lead, -(-y // chunk_y) * chunk_y, -(-x // chunk_x) * chunk_x),
+                dimension_names=layout.axes,
+                fill_value=0,
+            ))
+            datasets.append({"path": str(level), "coordinateTransformations": [
+                {"type": "scale", "scale": _scale(layout, level)}]})
+        units = {a: "micrometer" for a in ("z", "y", "x") if a in layout.axes and _has_unit(layout, a)}
+        write_multiscales_metadata(
+            group,
+            datasets,
+            fmt=FORMAT,
+            axes=list(layout.axes),
+            axes_units=units or None,
+            name="",
+            metadata={"omero": _omero(layout.channel_names)},
+        )
+
+    files = _metadata_files(build)
+    return files, tuple(array.metadata for array in arrays)
+
+
+def _has_unit(layout: FieldLayout, axis: str) -> bool:
+    if axis == "z":
+        return layout.z_step_um is not None
+    return layout.pixel_size_um is not None
+
+
+def _scale(layout: FieldLayout, level: int) -> list[float]:
+    py, px = layout.pixel_size_um or (1.0, 1.0)
+    scale = {"t": 1.0, "c": 1.0, "z": layout.z_step_um or 1.0, "y": py * 2**level, "x": px * 2**level}
+    return [float(scale[a]) for a in layout.axes]
 
 
 def _omero(channel_names: Sequence[str]) -> dict[str, Any]:
