@@ -28,7 +28,7 @@ from ome_zarr.writer import write_plate_metadata
 
 from hcs_dask import Pipeline, Plate, Step, write_synthetic_plate
 from hcs_dask.steps import count_nuclei, max_projection, percentile_normalize, smooth, subtract_background
-from hcs_dask.store import CHUNK_YX, downsample, pyramid_levels
+from hcs_dask.store import CHUNK_YX, FieldLayout, FieldWriter, downsample, pyramid_levels
 
 MB = 1e6
 
@@ -180,11 +180,15 @@ def _channel_names(plate: Plate, channels: Sequence[int]) -> tuple[str, ...]:
 
 
 def serial_loop(plate: Plate, output: Path, compute_site: Callable[[list[list[np.ndarray]]],
-                                                                  tuple[np.ndarray, dict[str, Any] | None]]) -> None:
+                                                                  tuple[np.ndarray, dict[str, Any] | None]],
+                *, writer: str = "zarr") -> None:
     """The bare work: read every image (tifffile), compute a site, write its field (zarr), no Dask.
 
     ``compute_site`` takes ``[channel][z]`` images and returns the ``(c, y, x)`` result and
-    the site's measurements (or None).
+    the site's measurements (or None). ``writer="zarr"`` writes each field with plain zarr
+    calls (:func:`write_field_bare`); ``writer="hcs_dask"`` with hcs_dask's own
+    ``FieldWriter``, so that hcs_dask run against it shows the cost of the framework alone
+    (Dask, the guard, the manifest, the durable commit), not that of the write technique.
     """
     if output.exists():
         shutil.rmtree(output)
@@ -200,10 +204,16 @@ def serial_loop(plate: Plate, output: Path, compute_site: Callable[[list[list[np
             result, measures = compute_site(images)
             block = result[:, None]  # (c, z=1, y, x): the projection keeps a z axis of one plane
             path = f"{well.row}/{well.column}/{field_index}"
-            attributes = field_attributes(path, axes=axes, levels=pyramid_levels(block.shape[-2:]),
-                                          channel_names=_channel_names(plate, channels),
-                                          pixel_size_um=plate.pixel_size_um, z_step_um=None)
-            write_field_bare(store, path, block, attributes, axes)
+            if writer == "hcs_dask":
+                layout = FieldLayout(axes=axes, shape=block.shape, dtype=str(block.dtype),
+                                     channel_names=_channel_names(plate, channels), pixel_size_um=plate.pixel_size_um,
+                                     z_step_um=None, levels=pyramid_levels(block.shape[-2:]))
+                FieldWriter(output, path, layout).write((slice(None), slice(None)), block)
+            else:
+                attributes = field_attributes(path, axes=axes, levels=pyramid_levels(block.shape[-2:]),
+                                              channel_names=_channel_names(plate, channels),
+                                              pixel_size_um=plate.pixel_size_um, z_step_um=None)
+                write_field_bare(store, path, block, attributes, axes)
             if measures:
                 rows.append({"well": well.name, "site": site, "timepoint": 1, **measures})
     if rows:

@@ -79,13 +79,13 @@ def well_plate(wells: int, fields: int) -> Plate:
     """A plate index with ``wells`` wells (no files behind it) for the layout writers."""
     from hcs_dask.plate import ImageKey, row_name
 
-    columns = 24 if wells > 96 else 12
+    rows, columns = next((r, c) for r, c in ((8, 12), (16, 24), (32, 48)) if wells <= r * c)
     made = []
     for i in range(wells):
         name = f"{row_name(i // columns)}{i % columns + 1:02d}"
         made.append(Well(name, tuple((ImageKey(name, s + 1, 1, 1, 1), f"{name}_{s}.tif") for s in range(fields))))
     return Plate(name="io", root="/nonexistent", format="imagexpress", wells=tuple(made), shape=(1, 1),
-                 dtype="uint16")
+                 dtype="uint16", plate_rows=rows, plate_columns=columns)
 
 
 def layout_of(block: np.ndarray) -> FieldLayout:
@@ -178,7 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 small cases, 8 wells, 1 repeat")
-    parser.add_argument("--wells", type=int, default=None, help="wells per case (default 48; 8 with --quick)")
+    parser.add_argument("--wells", type=int, default=None,
+                        help="wells per case, at most 1536 (default 48; 8 with --quick)")
     parser.add_argument("--repeats", type=int, default=None, help="runs of each variant (default 3; 1 with --quick)")
     parser.add_argument("--workdir", help="keep the source plates here and reuse them (default: a temp folder)")
     args = parser.parse_args(argv)

@@ -12,7 +12,9 @@ Runs wells one after another on one single-threaded worker process and prints:
    (one timepoint at a time, cleanup after each) and without.
 
 Targets are printed as PASS/FAIL lines; the script exits 0 either way (a benchmark, not a
-test). Every variant runs in a fresh ``LocalCluster(n_workers=1, threads_per_worker=1)``.
+test). Every variant runs in a fresh embedded cluster of one single-threaded worker, started
+as ``run_plate`` starts it (``hcs_dask.cluster.connect``: the same scheduler settings and
+worker environment, so glibc's adaptive malloc, not Dask's ``MALLOC_TRIM_THRESHOLD_``).
 
     python bench/memory_stability.py            # 200 wells, a few minutes on 2 cores
     python bench/memory_stability.py --quick    # smoke run: 30 wells, smaller images
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import logging
 import statistics
 import sys
 import tempfile
@@ -100,16 +101,10 @@ def _time_idle_gpu_release(repeat: int) -> float:
 @contextmanager
 def fresh_worker() -> Iterator[Any]:
     """A new single-threaded worker process (so peaks and growth belong to this variant only)."""
-    from distributed import Client, LocalCluster
+    from hcs_dask.cluster import connect
 
-    cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, scheduler_port=0,
-                           dashboard_address=":0", silence_logs=logging.ERROR)
-    client = Client(cluster)
-    try:
+    with connect(n_workers=1, threads_per_worker=1) as client:
         yield client
-    finally:
-        client.close()
-        cluster.close()
 
 
 def on_worker(client: Any, function: Any, *args: Any) -> Any:
