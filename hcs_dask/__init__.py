@@ -5,6 +5,12 @@ failure alike, the well's memory-backend scope is reset and the GPU memory
 pools of loaded frameworks are released, before the result is returned.
 """
 
+import os as _os
+
+#: Whether the user's environment set MALLOC_TRIM_THRESHOLD_ before hcs_dask was imported
+#: (a Dask nanny started later in this process sets it too; see hcs_dask.cluster).
+_USER_SET_MALLOC_TRIM = "MALLOC_TRIM_THRESHOLD_" in _os.environ
+
 from hcs_dask.compile import CompileError, PlateGraph, WellPlan, compile_plate
 from hcs_dask.execute import run_plate, run_well
 from hcs_dask.formats import PlateError, open_plate, write_synthetic_plate

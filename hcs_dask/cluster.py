@@ -35,7 +35,7 @@ import dask
 #: kernel on free: about 100 ms of a 500 ms well on the standard benchmark plate
 #: (``bench/throughput.py``). hcs_dask frees a well's arrays itself (the cleanup
 #: guarantee), and glibc reuses them for the next well, so the workers start without it.
-#: A value the user exported in the shell is kept.
+#: A value the user exported in the shell is kept (see :func:`_drop_inherited_malloc_trim`).
 EMBEDDED_SCHEDULER_CONFIG = {
     "distributed.scheduler.allowed-failures": 0,
     "distributed.scheduler.worker-saturation": 1.0,
@@ -60,6 +60,20 @@ _RMM_FLAGS = ("rmm_async", "rmm_managed_memory", "rmm_for_cupy", "rmm_reinitiali
 
 #: What to install for ``cluster="cuda"``.
 GPU_INSTALL_HINT = "pip install 'hcs-dask[gpu]'"
+
+
+def _drop_inherited_malloc_trim() -> None:
+    """Forget a ``MALLOC_TRIM_THRESHOLD_`` that a Dask nanny, not the user, put in this process.
+
+    A nanny writes its pre-spawn environment into the *parent's* ``os.environ``, so
+    after any plain ``LocalCluster`` in this process (a notebook, a test session) every
+    later worker would inherit the variable whatever the config says. The user's own
+    value (present when hcs_dask was imported) is kept.
+    """
+    import hcs_dask
+
+    if not hcs_dask._USER_SET_MALLOC_TRIM:
+        os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
 
 
 class ClusterError(RuntimeError):
@@ -418,6 +432,7 @@ def connect(
             yield cuda_client
         return
     passed = {name: value for name, value in cluster_options.items() if not name.startswith("rmm_")}
+    _drop_inherited_malloc_trim()
     with dask.config.set(EMBEDDED_SCHEDULER_CONFIG):
         local_cluster = LocalCluster(
             n_workers=n_workers or available_cores(),
@@ -449,6 +464,7 @@ def _cuda_client(n_workers: int | None, memory_limit: str | float | None,
     except Exception as error:  # ImportError, or a CUDA library of its dependencies that fails to load
         raise ClusterError(f"dask-cuda cannot be imported: {type(error).__name__}: {error} "
                            f"({GPU_INSTALL_HINT})") from error
+    _drop_inherited_malloc_trim()
     with dask.config.set(EMBEDDED_SCHEDULER_CONFIG):
         try:
             cuda_cluster = dask_cuda.LocalCUDACluster(

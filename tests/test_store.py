@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+
+import hcs_dask
 from ome_zarr.writer import write_multiscales_metadata, write_plate_metadata, write_well_metadata
 
 from hcs_dask.plate import ImageKey, Plate, Well
@@ -106,10 +108,21 @@ def test_commit_lists_fields_and_reset_removes_them(tmp_path):
     assert os.listdir(output / "A/1") == ["zarr.json"]
 
 
-@pytest.mark.skipif("MALLOC_TRIM_THRESHOLD_" in os.environ,
+@pytest.mark.skipif(hcs_dask._USER_SET_MALLOC_TRIM,
                     reason="MALLOC_TRIM_THRESHOLD_ is exported here, and workers rightly keep the user's value")
-def test_embedded_workers_keep_glibc_adaptive_malloc(client):
-    # Dask's nanny would export MALLOC_TRIM_THRESHOLD_=65536, which makes every image
-    # array a fresh mmap (bench/throughput.py measures the cost).
-    values = client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_")
+def test_embedded_workers_keep_glibc_adaptive_malloc_even_after_a_plain_cluster(monkeypatch):
+    # Dask's nanny exports MALLOC_TRIM_THRESHOLD_=65536, which makes every image array a
+    # fresh mmap (bench/throughput.py measures the cost), and leaves it in this process's
+    # environment, from where any later worker would inherit it.
+    from distributed import Client, LocalCluster
+
+    from hcs_dask.cluster import connect
+
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)  # restored after the test
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as plain, \
+            Client(plain) as plain_client:
+        assert set(plain_client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values()) == {"65536"}
+    assert os.environ.get("MALLOC_TRIM_THRESHOLD_") == "65536"
+    with connect(n_workers=1, threads_per_worker=1) as client:
+        values = client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_")
     assert values and set(values.values()) == {None}
