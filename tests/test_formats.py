@@ -458,3 +458,25 @@ def test_scan_of_twenty_thousand_files(tmp_path: Path) -> None:
     assert plate.sites == tuple(range(1, 27)) and plate.channels == (1, 2, 3, 4) and plate.zs == (1, 2)
     assert plate.gaps() == []
     assert plate.well("H12").path_of(ImageKey("H12", 26, 4, 2, 1)) == f"ZStep_2/Screen_H12_s26_w4{GUID}.tif"
+
+
+def test_plate_fingerprint_is_the_hash_of_the_json_index(synthetic: Path) -> None:
+    # Stores written by earlier versions keep resuming: the fingerprint is still the
+    # sha256 of json.dumps(description, sort_keys=True), whatever spells that text.
+    import hashlib
+    import json
+
+    from hcs_dask.plate import Well
+
+    def reference(plate: Plate) -> str:
+        description = {"name": plate.name, "shape": list(plate.shape), "dtype": plate.dtype,
+                       "wells": [[w.name, [[[k.site, k.channel, k.z, k.timepoint], p] for k, p in w.files]]
+                                 for w in plate.wells]}
+        return hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:16]
+
+    odd = Plate(name='Pl"ate é\\1', root="/r", format="imagexpress", shape=(8, 9), dtype="uint16",
+                wells=(Well("A01", ((ImageKey("A01", 1, 2, 3, 4), 'dir é/"q"\\n\tz.tif'),)), Well("B02", ())))
+    for plate in (open_plate(synthetic), odd):
+        assert plate.fingerprint() == reference(plate)
+    assert odd.fingerprint() != Plate(name=odd.name, root="/r", format="imagexpress", shape=(8, 9), dtype="uint16",
+                                      wells=odd.wells[:1]).fingerprint()
