@@ -78,13 +78,17 @@ def _metadata_files(build: Callable[[zarr.Group], Any]) -> dict[str, bytes]:
     return {key: buffer.to_bytes() for key, buffer in files.items()}
 
 
-def _write_file(path: Path, data: bytes, *, atomic: bool = False) -> None:
-    if not atomic:
-        path.write_bytes(data)
-        return
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
+def _write_file(path: Path, data: bytes, *, atomic: bool = False, durable: bool = False) -> None:
+    """Write ``data``; ``atomic``: through a temporary file and a rename, so a reader sees the
+    old file or the new one; ``durable``: flushed to disk before that rename."""
+    target = path.with_name(f".{path.name}.{os.getpid()}.tmp") if atomic else path
+    with open(target, "wb") as handle:
+        handle.write(data)
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
+    if atomic:
+        os.replace(target, path)
 
 
 @lru_cache(maxsize=64)
@@ -161,9 +165,7 @@ def commit_well(output: str | Path, row: str, column: int, fields: Sequence[int]
     if durable:
         paths = [os.path.join(directory, name) for directory, _, files in os.walk(folder) for name in files]
         list(_FLUSHERS.map(_fsync, paths))
-    _write_file(folder / "zarr.json", _well_metadata(tuple(fields)), atomic=True)
-    if durable:
-        _fsync(str(folder / "zarr.json"))
+    _write_file(folder / "zarr.json", _well_metadata(tuple(fields)), atomic=True, durable=durable)
 
 
 def _fsync(path: str) -> None:
@@ -192,7 +194,7 @@ class Manifest:
 
     def write_run(self, info: dict) -> None:
         (self.folder / "wells").mkdir(parents=True, exist_ok=True)
-        _atomic_write(self.folder / "run.json", {**info, "created": time.time()})
+        _write_json(self.folder / "run.json", {**info, "created": time.time()})
 
     def read_run(self) -> dict | None:
         try:
@@ -203,8 +205,8 @@ class Manifest:
     def write_well(self, record: dict) -> None:
         # A "running" record lost to a power cut reads as "not started": both mean the
         # well runs again on resume, so only outcomes are worth an fsync.
-        _atomic_write(self.folder / "wells" / f"{record['well']}.json", record,
-                      durable=record.get("status") != "running")
+        _write_json(self.folder / "wells" / f"{record['well']}.json", record,
+                    durable=record.get("status") != "running")
 
     def read_well(self, well: str) -> dict | None:
         try:
@@ -224,14 +226,8 @@ class Manifest:
         return records
 
 
-def _atomic_write(path: Path, data: dict, *, durable: bool = True) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(temporary, "w") as handle:
-        json.dump(data, handle, default=str)
-        if durable:
-            handle.flush()
-            os.fsync(handle.fileno())
-    os.replace(temporary, path)
+def _write_json(path: Path, data: dict, *, durable: bool = True) -> None:
+    _write_file(path, json.dumps(data, default=str).encode(), atomic=True, durable=durable)
 
 
 def pyramid_levels(shape_yx: Sequence[int], *, max_levels: int = 3, min_size: int = 64) -> int:
