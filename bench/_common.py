@@ -426,6 +426,12 @@ class LoadMonitor:
                      "the CPU-time columns less so. Rerun on an idle machine.")
         print(text)
 
+    def warn_if_busy(self) -> None:
+        """The closing ``note:`` line under the verdicts, when the machine was busy."""
+        if self.busy:
+            note("the machine was busy with other work during this run: rerun on an idle machine before "
+                 "believing the wall-time verdicts")
+
 
 def available_cpus() -> int:
     try:

@@ -220,9 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         verdict(r["ratio"] >= RATIO_TARGET,
                 f"{r['label']}: hcs_dask writes at {r['ratio']:.2f}× the bare zarr speed (≥ {RATIO_TARGET})")
-    if load.busy:
-        note("the machine was busy with other work during this run: rerun on an idle machine before "
-             "believing the wall-time verdicts")
+    load.warn_if_busy()
     if args.quick:
         note("--quick: fewer wells and smaller images; indicative only")
     return 0

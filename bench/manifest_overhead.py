@@ -91,8 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nmanifest overhead per well: {best_ms:.1f} ms (best of each), {median_ms:.1f} ms (medians), "
           f"{cpu_ms:.1f} ms CPU (client + scheduler + workers)")
     load.report()
-    if load.busy:
-        note("the machine was busy with other work during this run: the figures are unreliable")
+    load.warn_if_busy()
     if args.quick:
         note("--quick: fewer wells and repeats; indicative only")
     return 0

@@ -244,9 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"compile_plate without layout {scan['compile_s']:.2f} s ≤ {COMPILE_TARGET_S:g} s")
         verdict(scan["compile_layout_s"] <= COMPILE_TARGET_S,
                 f"compile_plate with layout {scan['compile_layout_s']:.2f} s ≤ {COMPILE_TARGET_S:g} s")
-    if load.busy:
-        note("the machine was busy with other work during this run: rerun on an idle machine before "
-             "believing the wall-time verdicts")
+    load.warn_if_busy()
     if args.quick:
         note("--quick: smaller plates and scan folder than the targets'; indicative only")
     return 0

@@ -249,9 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             note(f"the speed-up target ({SPEEDUP_TARGET} on 2 cores) is for 2 workers; "
                  f"this run used {args.workers}: {standard['speedup']:.2f}")
-    if load.busy:
-        note("the machine was busy with other work during this run: rerun on an idle machine before "
-             "believing the wall-time verdicts")
+    load.warn_if_busy()
     if args.quick:
         note("--quick: 12 wells and 1 repeat; the figures are indicative only")
     return 0

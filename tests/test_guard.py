@@ -10,7 +10,6 @@ cluster tests run real plates on real ``LocalCluster`` workers.
 
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import threading
@@ -375,16 +374,10 @@ def fake_on_workers(client):
 
 @pytest.fixture(scope="module")
 def single_worker_client():
-    from distributed import Client, LocalCluster
+    from hcs_dask.cluster import connect
 
-    cluster = LocalCluster(n_workers=1, threads_per_worker=1, processes=True, scheduler_port=0,
-                           dashboard_address=":0", silence_logs=logging.ERROR)
-    single = Client(cluster)
-    try:
+    with connect(n_workers=1, threads_per_worker=1) as single:
         yield single
-    finally:
-        single.close()
-        cluster.close()
 
 
 def test_failing_wells_are_records_and_the_other_wells_are_correct(
