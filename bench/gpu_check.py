@@ -15,7 +15,7 @@ It prints, in one run that fits in 8 minutes on one H200 with 16 cores:
    ``LocalCUDACluster`` (one worker per GPU) and with the NumPy pipeline on a
    ``LocalCluster`` with one worker per core, and the speed-up; both clusters first run
    warm-up wells that are not timed (imports, CUDA context, kernel compilation);
-3. the pools after each well (``ExecutionResult.memory["gpu"]``, execution order) and the
+3. the pools after each well (``ExecutionResult.memory["process"]["gpu"]``, execution order) and the
    device memory in use after each well (``cudaMemGetInfo`` on the worker): the slope and
    the largest deviation from the baseline left by the warm-up well;
 4. the cleanup's time per well (``memory["cleanup_seconds"]``: median and max);
@@ -94,7 +94,7 @@ class MemoryRecorder(WorkerPlugin):
 
     ``transition`` runs on the worker's event loop when the task has left the thread; on a
     single-threaded worker the next well has not started yet (it is sent only after this
-    one is reported done, ``worker-saturation`` 1.0). Used where ``memory["gpu"]`` says
+    one is reported done, ``worker-saturation`` 1.0). Used where ``memory["process"]["gpu"]`` says
     nothing: with cleanup off, no cleaner runs and none reports.
     """
 

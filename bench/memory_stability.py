@@ -161,7 +161,7 @@ def run_slope(plate_root: Path, work: Path, *, cleanup: bool, stash_mb: float) -
     wells = in_execution_order(result)
     return {
         "ok": result.counts(),
-        "rss": [r.memory["rss_after_cleanup_bytes"] for r in wells],
+        "rss": [r.memory["process"]["rss_after_cleanup_bytes"] for r in wells],
         # Process-wide bytes in the backend when each well started (after_cleanup is the well's own scope).
         "backend": [r.memory["backend_bytes_before"] for r in wells],
         "cleanup_s": [r.memory["cleanup_seconds"] for r in wells],

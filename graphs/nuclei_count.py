@@ -16,8 +16,10 @@ looped over):
    each image, which steadies the threshold and the split of touching nuclei.
 4. ``count_nuclei`` -- :func:`~hcs_dask.steps.count_nuclei` with
    ``stack="channel"``: each call gets one site's ``(channel, y, x)`` stack,
-   segments the nuclear channel (Otsu threshold, touching nuclei split by a
-   distance-transform watershed) and returns the stack unchanged plus
+   finds the nuclei of the nuclear channel (Otsu threshold, then one seed per
+   peak of the distance transform, so touching nuclei count apart; the
+   watershed that would flood the seeds is skipped, as it changes neither the
+   count nor the nuclear pixels) and returns the stack unchanged plus
    ``nuclei_count``, ``nuclei_mean_area_px`` and ``mean_intensity_w<c>`` for
    every channel; these become the per-site rows of the measurement table.
 

@@ -5,14 +5,10 @@ failure alike, the well's memory-backend scope is reset and the GPU memory
 pools of loaded frameworks are released, before the result is returned.
 """
 
-import os as _os
-
-#: Whether the user's environment set MALLOC_TRIM_THRESHOLD_ before hcs_dask was imported
-#: (a Dask nanny started later in this process sets it too; see hcs_dask.cluster).
-_USER_SET_MALLOC_TRIM = "MALLOC_TRIM_THRESHOLD_" in _os.environ
-
 from hcs_dask.compile import CompileError, PlateGraph, WellPlan, compile_plate
-from hcs_dask.execute import run_plate, run_well
+from hcs_dask.driver import PlateRun, run_plate, submit_plate
+from hcs_dask.guard import run_well
+from hcs_dask.options import ClusterSpec, OptionError, RunPolicy
 from hcs_dask.formats import PlateError, open_plate, write_synthetic_plate
 from hcs_dask.memory.gpu import register_cleaner, release_gpu_pools
 from hcs_dask.pipeline import Pipeline, PipelineError, Step, StepContext, load_pipeline
@@ -23,9 +19,11 @@ from hcs_dask.store import OutputError
 
 __all__ = [
     "CleanupPlugin",
+    "ClusterSpec",
     "CompileError",
     "ExecutionResult",
     "ImageKey",
+    "OptionError",
     "OutputError",
     "Pipeline",
     "PipelineError",
@@ -33,7 +31,9 @@ __all__ = [
     "PlateError",
     "PlateGraph",
     "PlateResult",
+    "PlateRun",
     "Step",
+    "RunPolicy",
     "StepContext",
     "Well",
     "WellPlan",
@@ -45,6 +45,7 @@ __all__ = [
     "release_gpu_pools",
     "run_plate",
     "run_well",
+    "submit_plate",
     "write_synthetic_plate",
 ]
 __version__ = "0.1.0"

@@ -16,12 +16,13 @@ import click
 from hcs_dask.cluster import ClusterError
 from hcs_dask.compile import CompileError
 from hcs_dask.formats import PlateError, open_plate, write_synthetic_plate
+from hcs_dask.options import OptionError, split_options
 from hcs_dask.pipeline import PipelineError, load_pipeline
 from hcs_dask.results import PlateResult
 from hcs_dask.store import OutputError
 
 #: Errors that mean "the input is wrong": exit code 2, nothing written.
-INPUT_ERRORS = (PlateError, PipelineError, CompileError, OutputError)
+INPUT_ERRORS = (OptionError, PlateError, PipelineError, CompileError, OutputError)
 
 
 def _fail_input(error: Exception) -> None:
@@ -43,17 +44,16 @@ def _report(result: PlateResult, summary: str | None) -> None:
         click.echo(f"summary: {summary}")
 
 
-def _run(graph: str, plate_path: str, output: str, *, device: str, workers: int | None,
-         threads_per_worker: int, scheduler: str | None, summary: str | None, overwrite: bool,
-         **run_options: object) -> PlateResult:
-    from hcs_dask.execute import run_plate
+def _run(graph: str, plate_path: str, output: str, *, device: str, summary: str | None,
+         **options: object) -> PlateResult:
+    from hcs_dask.driver import run_plate
 
     try:
+        split_options(options)  # every option checked before the plate is even opened
         graph_options = {"device": device} if device != "cpu" else {}
         pipeline = load_pipeline(graph, **graph_options)
         plate = open_plate(plate_path)
-        result = run_plate(plate, pipeline, output, scheduler=scheduler, n_workers=workers,
-                           threads_per_worker=threads_per_worker, overwrite=overwrite, **run_options)
+        result = run_plate(plate, pipeline, output, **options)
     except INPUT_ERRORS as error:
         _fail_input(error)
     except ClusterError as error:
@@ -117,9 +117,9 @@ def run(graph: str, plate: str, output: str, workers: int | None, threads_per_wo
     """Run GRAPH (a pipeline file, or a bundled graph's name) on the PLATE folder."""
     # Only the RMM options given: flags left off are no options at all.
     given = {name: value for name, value in rmm_options.items() if value not in (None, False)}
-    result = _run(graph, plate, output, device=device, workers=workers, threads_per_worker=threads_per_worker,
-                  scheduler=scheduler, summary=summary, overwrite=overwrite, resume=resume,
-                  well_timeout=well_timeout, memory_limit=memory_limit,
+    result = _run(graph, plate, output, device=device, summary=summary, n_workers=workers,
+                  threads_per_worker=threads_per_worker, scheduler=scheduler, overwrite=overwrite,
+                  resume=resume, well_timeout=well_timeout, memory_limit=memory_limit,
                   worker_death_retries=worker_death_retries, stall_timeout=stall_timeout,
                   cluster=cluster, cluster_options=given)
     sys.exit(0 if result.ok else 1)
@@ -159,8 +159,7 @@ def demo(directory: str, wells: int, workers: int | None) -> None:
         click.echo(f"synthesising a {wells}-well plate in {plate_dir} ...")
         write_synthetic_plate(plate_dir, wells=wells, sites=2, channels=2, z=3, size=256, seed=0)
     result = _run("nuclei_count", str(plate_dir), str(root / "nuclei_count.ome.zarr"), device="cpu",
-                  workers=workers, threads_per_worker=1, scheduler=None,
-                  summary=str(root / "summary.json"), overwrite=True)
+                  summary=str(root / "summary.json"), n_workers=workers, overwrite=True)
     sys.exit(0 if result.ok else 1)
 
 

@@ -61,6 +61,13 @@ _RMM_FLAGS = ("rmm_async", "rmm_managed_memory", "rmm_for_cupy", "rmm_reinitiali
 #: What to install for ``cluster="cuda"``.
 GPU_INSTALL_HINT = "pip install 'hcs-dask[gpu]'"
 
+#: Run in every embedded worker process at its start (and again after a nanny restart).
+EMBEDDED_WORKER_PRELOAD = "hcs_dask._embedded_worker"
+
+#: Whether the user's environment set MALLOC_TRIM_THRESHOLD_ before hcs_dask was imported
+#: (this module is imported with the package, before any nanny of this process can set it).
+_USER_SET_MALLOC_TRIM = "MALLOC_TRIM_THRESHOLD_" in os.environ
+
 
 def _drop_inherited_malloc_trim() -> None:
     """Forget a ``MALLOC_TRIM_THRESHOLD_`` that a Dask nanny, not the user, put in this process.
@@ -70,10 +77,17 @@ def _drop_inherited_malloc_trim() -> None:
     later worker would inherit the variable whatever the config says. The user's own
     value (present when hcs_dask was imported) is kept.
     """
-    import hcs_dask
-
-    if not hcs_dask._USER_SET_MALLOC_TRIM:
+    if not _USER_SET_MALLOC_TRIM:
         os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
+
+
+def _with_preload(options: dict[str, Any]) -> dict[str, Any]:
+    """The embedded workers' options with :data:`EMBEDDED_WORKER_PRELOAD` added to theirs."""
+    preload = options.get("preload") or []
+    preload = [preload] if isinstance(preload, str) else list(preload)
+    if EMBEDDED_WORKER_PRELOAD not in preload:
+        preload.append(EMBEDDED_WORKER_PRELOAD)
+    return {**options, "preload": preload}
 
 
 class ClusterError(RuntimeError):
@@ -415,12 +429,14 @@ def connect(
         yield client
         return
     if scheduler is not None:
+        # Dask's connect timeout (distributed.comm.timeouts.connect, default 30 s) bounds the wait.
+        timeout = dask.config.get("distributed.comm.timeouts.connect")
         try:
             if Path(scheduler).is_file():
-                remote = Client(scheduler_file=scheduler, timeout="20s")
+                remote = Client(scheduler_file=scheduler, timeout=timeout)
             else:
-                remote = Client(scheduler, timeout="20s")
-        except OSError as error:
+                remote = Client(scheduler, timeout=timeout)
+        except (OSError, ValueError, TimeoutError) as error:
             raise ClusterError(f"cannot reach the Dask scheduler at {scheduler}: {error}") from error
         try:
             yield remote
@@ -431,7 +447,7 @@ def connect(
         with _cuda_client(n_workers, memory_limit, cluster_options) as cuda_client:
             yield cuda_client
         return
-    passed = {name: value for name, value in cluster_options.items() if not name.startswith("rmm_")}
+    passed = _with_preload({name: value for name, value in cluster_options.items() if not name.startswith("rmm_")})
     _drop_inherited_malloc_trim()
     with dask.config.set(EMBEDDED_SCHEDULER_CONFIG):
         local_cluster = LocalCluster(
@@ -444,10 +460,13 @@ def connect(
             silence_logs=logging.ERROR,
             **passed,
         )
+    # Not `with Client(...)`: a run's driver thread closes the cluster, and the client's
+    # context manager may only be left in the context (thread) that entered it.
+    local = Client(local_cluster)
     try:
-        with Client(local_cluster) as local:
-            yield local
+        yield local
     finally:
+        local.close()
         local_cluster.close()
 
 
@@ -457,7 +476,7 @@ def _cuda_client(n_workers: int | None, memory_limit: str | float | None,
     from distributed import Client
 
     options = _cuda_options(1, cluster_options)
-    passed = {name: value for name, value in cluster_options.items() if name not in RMM_OPTIONS}
+    passed = _with_preload({name: value for name, value in cluster_options.items() if name not in RMM_OPTIONS})
     resources = {"GPU": 1, **passed.pop("resources", {})}
     try:
         import dask_cuda
@@ -485,15 +504,16 @@ def _cuda_client(n_workers: int | None, memory_limit: str | float | None,
             )
         except Exception as error:
             raise ClusterError(f"the LocalCUDACluster did not start: {type(error).__name__}: {error}") from error
+    cuda_client = Client(cuda_cluster)
     try:
-        with Client(cuda_cluster) as cuda_client:
-            if options["rmm_reinitialize_pool"]:
-                # After dask-cuda's own RMM set-up on each worker (it ran before the
-                # worker joined): the cleanup re-creates the pool with the same options.
-                cuda_client.run(_configure_rmm_reinitialize, options["rmm_pool_size"],
-                                options["rmm_maximum_pool_size"], options["rmm_managed_memory"])
-            yield cuda_client
+        if options["rmm_reinitialize_pool"]:
+            # After dask-cuda's own RMM set-up on each worker (it ran before the
+            # worker joined): the cleanup re-creates the pool with the same options.
+            cuda_client.run(_configure_rmm_reinitialize, options["rmm_pool_size"],
+                            options["rmm_maximum_pool_size"], options["rmm_managed_memory"])
+        yield cuda_client
     finally:
+        cuda_client.close()
         cuda_cluster.close()
 
 

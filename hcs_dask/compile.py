@@ -8,7 +8,7 @@ OME-Zarr metadata, once, here on the client. A bad input therefore writes nothin
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from hcs_dask.pipeline import Pipeline, PipelineError
@@ -73,6 +73,8 @@ class PlateGraph:
     plans: tuple[WellPlan, ...]
     #: On resume: the manifest records of the wells already ``ok``, which are not re-run.
     done: tuple[dict, ...] = ()
+    #: What the manifest's ``run.json`` records of this run (the plate's and pipeline's fingerprints).
+    run_info: dict = field(default_factory=dict, compare=False)
 
     def __len__(self) -> int:
         return len(self.plans)
@@ -134,7 +136,8 @@ def compile_plate(
         manifest status is not ``ok``, and leave every other file untouched. Refused
         (``ResumeError``) if the plate or the pipeline differs from that run's.
     write_layout
-        Write the plate/row/well groups now (the default). ``False`` plans only.
+        Write the plate/row/well groups now (the default). ``False`` plans only;
+        :func:`write_output` writes them later.
     manifest
         Keep the per-well manifest in the store (needed for ``resume``). Switching it
         off exists to measure its cost.
@@ -176,11 +179,18 @@ def compile_plate(
         for well in plate.wells
         if well.name not in finished
     )
+    graph = PlateGraph(plate=plate, pipeline=pipeline, output=str(output_path), plans=plans, done=done,
+                       run_info=fingerprints if manifest else {})
     if write_layout:
-        create_plate_layout(output_path, plate, overwrite=overwrite)
-        if manifest:
-            Manifest(output_path).write_run(fingerprints)
-    return PlateGraph(plate=plate, pipeline=pipeline, output=str(output_path), plans=plans, done=done)
+        write_output(graph, overwrite=overwrite)
+    return graph
+
+
+def write_output(graph: PlateGraph, *, overwrite: bool = False) -> None:
+    """Write a compiled plate's output layout (plate, row and well groups) and its run record, once."""
+    create_plate_layout(graph.output, graph.plate, overwrite=overwrite)
+    if graph.run_info:
+        Manifest(graph.output).write_run(graph.run_info)
 
 
 def _check_resume(output: Path, fingerprints: dict) -> tuple[dict, ...]:

@@ -283,13 +283,9 @@ class Pipeline:
     def __reduce__(self) -> tuple:
         # Always through cloudpickle: functions from a user's pipeline file are registered
         # to pickle by value, and plain pickle (which distributed tries first) would pickle
-        # them by a module name that workers cannot import.
-        # The bytes are cached: a run pickles the same pipeline once per well.
-        blob = self.__dict__.get("_pickled")
-        if blob is None:
-            blob = cloudpickle.dumps((list(self.steps), self.name, self.sequential))
-            object.__setattr__(self, "_pickled", blob)
-        return (_pipeline_from_bytes, (blob,))
+        # them by a module name that workers cannot import. Never cached: a pickle taken
+        # now holds the code as it is now (a run pickles its pipeline once, see driver.py).
+        return (_pipeline_from_bytes, (cloudpickle.dumps((list(self.steps), self.name, self.sequential)),))
 
     def uses_gpu(self) -> bool:
         return any(step.array_type != "numpy" for step in self.steps)

@@ -18,10 +18,18 @@ STATUSES = ("ok", "failed", "worker_died", "timeout", "cancelled")
 class ExecutionResult:
     """The outcome of one well task.
 
-    ``memory`` holds what the cleanup left behind: ``rss_before_bytes``,
-    ``rss_after_cleanup_bytes``, ``backend_bytes_before``,
-    ``backend_bytes_after_cleanup``, ``gpu`` (per loaded framework: pool bytes
-    before and after cleanup) and ``cleanup_seconds``.
+    ``memory`` holds what the cleanup did and left behind. The well's own figures:
+    ``backend_bytes_before``, ``backend_bytes_after_cleanup`` and ``backend_bytes_freed``
+    (its memory-backend scope), ``cleanup_seconds``, ``cleanups``, ``cleaner_errors`` and
+    ``conversions``. Under ``memory["process"]``, the worker process's figures:
+    ``rss_before_bytes``, ``rss_after_cleanup_bytes``, ``backend_bytes_before`` (every
+    scope), ``gpu`` (per loaded framework: pool bytes before and after cleanup; None where
+    a framework cannot say), ``threads``, and ``shared``: whether another well ran in the
+    process meanwhile, in which case these figures are not this well's alone.
+
+    ``attempts`` counts the runs that the well itself ended (a run lost to another
+    well's worker death does not count); ``run`` is the token of the submission that
+    produced the record.
     """
 
     well: str
@@ -38,6 +46,7 @@ class ExecutionResult:
     combination: dict[str, int] | None = None
     cause: str | None = None
     attempts: int = 1
+    run: str | None = None
     memory: dict[str, Any] = field(default_factory=dict)
     measurements: list[dict[str, Any]] = field(default_factory=list)
 
@@ -58,11 +67,12 @@ class ExecutionResult:
         """A flat, JSON-ready record (what ``--summary`` writes per well)."""
         record = asdict(self)
         record.pop("measurements")
-        memory = record.pop("memory")
-        record["memory"] = memory
-        for flat in ("rss_before_bytes", "rss_after_cleanup_bytes", "backend_bytes_before",
-                     "backend_bytes_after_cleanup", "cleanup_seconds"):
+        memory = record["memory"]
+        for flat in ("backend_bytes_before", "backend_bytes_after_cleanup", "cleanup_seconds"):
             record[flat] = memory.get(flat)
+        process = memory.get("process", {})
+        for flat in ("rss_before_bytes", "rss_after_cleanup_bytes", "shared"):
+            record[f"process_{flat}"] = process.get(flat)
         return record
 
 
@@ -104,10 +114,6 @@ class PlateResult:
         frame = pd.DataFrame(rows)
         keys = [c for c in ("well", "site", "channel", "z", "timepoint") if c in frame.columns]
         return frame.sort_values(keys, kind="stable").reset_index(drop=True)
-
-    def table(self) -> pd.DataFrame:
-        """One row per well: status, timing, worker, error and cleanup figures."""
-        return pd.DataFrame([r.summary() for r in self.wells]).drop(columns=["traceback"])
 
     def summary(self) -> dict[str, Any]:
         return {

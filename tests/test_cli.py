@@ -35,7 +35,7 @@ def test_run_writes_output_and_summary(synthetic_plate, tmp_path):
     for well in data["wells"]:
         assert {"well", "status", "error", "seconds", "worker"} <= set(well)
         assert well["backend_bytes_after_cleanup"] == 0
-        assert well["rss_after_cleanup_bytes"] > 0 and well["cleanup_seconds"] >= 0
+        assert well["process_rss_after_cleanup_bytes"] > 0 and well["cleanup_seconds"] >= 0
 
 
 def test_exit_code_one_when_a_well_fails(synthetic_plate, tmp_path):

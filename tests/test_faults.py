@@ -123,13 +123,13 @@ def test_resume_refuses_another_pipeline_or_plate(tmp_path, faults, client):
 
 def test_output_error_fails_only_the_affected_well(tmp_path, faults, client):
     from hcs_dask.compile import compile_plate
-    from hcs_dask.execute import execute_graph
+    from hcs_dask.driver import submit_graph
 
     root = write_synthetic_plate(tmp_path / "plate", wells=3, sites=1, channels=1, z=2, size=32, seed=4)
     graph = compile_plate(open_plate(root), load_pipeline(GRAPH), tmp_path / "o.ome.zarr")
     # A file where well A02's field folder must go: the OS refuses, and the well says so.
     (Path(graph.output) / "A" / "2" / "0").write_text("in the way")
-    result = execute_graph(graph, client)
+    result = submit_graph(graph, client).result()
     by_well = {r.well: r for r in result.wells}
     assert by_well["A01"].ok and by_well["A03"].ok
     failed = by_well["A02"]

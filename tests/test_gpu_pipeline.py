@@ -80,7 +80,7 @@ def test_cupy_pipeline_counts_like_numpy_and_cupy_pool_returns_to_baseline(gpu_p
         memory = well.memory
         assert memory["conversions"]["host_to_device_bytes"] > 0, well.well  # the steps ran on the device
         assert memory["cleaner_errors"] == [], well.well
-        pool = memory["gpu"]["cupy"]
+        pool = memory["process"]["gpu"]["cupy"]
         assert pool["before"] > MIB, (well.well, pool)  # the well used the pool...
         assert pool["after"] <= SLACK, (well.well, pool)  # ...and the cleanup emptied it
 
@@ -95,8 +95,8 @@ def test_rmm_pool_for_cupy_is_reinitialised_after_every_well(gpu_plate, cpu_resu
     for well in result.wells:
         memory = well.memory
         assert memory["cleaner_errors"] == [], well.well
-        rmm = memory["gpu"]["rmm"]
+        rmm = memory["process"]["gpu"]["rmm"]
         assert rmm["before"] > initial, (well.well, rmm)  # the pool grew during the well...
         assert rmm["after"] <= initial + SLACK, (well.well, rmm)  # ...and was re-created at its size
         # CuPy allocated through RMM: its own pool stayed empty.
-        assert memory["gpu"].get("cupy", {"before": 0})["before"] <= SLACK, well.well
+        assert memory["process"]["gpu"].get("cupy", {"before": 0})["before"] <= SLACK, well.well

@@ -130,7 +130,7 @@ def test_cleanup_runs_after_the_steps_and_before_run_well_returns(fails, fake, o
     assert cleanup == ("cleanup", 0)  # ...and already reset when the GPU pools were released
     assert returned == ("returned",)
     assert result.status == ("failed" if fails else "ok")
-    assert result.memory["gpu"][fake.name] == {"before": 3 * MiB, "after": 0}
+    assert result.memory["process"]["gpu"][fake.name] == {"before": 3 * MiB, "after": 0}
     assert result.memory["backend_bytes_freed"] >= MiB
     assert result.memory["cleanups"] == 1 and fake.releases == 1
 
@@ -192,7 +192,7 @@ def test_the_cleaner_of_a_framework_not_loaded_never_runs_nor_imports_it(one_wel
     assert result.ok, result.error
     assert calls == []
     assert module not in sys.modules
-    assert "absent-gpu" not in result.memory["gpu"]
+    assert "absent-gpu" not in result.memory["process"]["gpu"]
 
 
 # --- traceback frames --------------------------------------------------------------------
@@ -399,7 +399,7 @@ def test_failing_wells_are_records_and_the_other_wells_are_correct(
         assert well_result.memory["backend_bytes_after_cleanup"] == 0, well_result.well
         assert well_result.memory["backend_bytes_freed"] >= MiB, well_result.well
         # The guard on the worker released the fake pool after every well, failed or not.
-        assert well_result.memory["gpu"][WORKER_FAKE] == {"before": WORKER_FAKE_BYTES, "after": 0}
+        assert well_result.memory["process"]["gpu"][WORKER_FAKE] == {"before": WORKER_FAKE_BYTES, "after": 0}
     for well in plate.wells:
         if well.name in failing:
             continue

@@ -1,0 +1,23 @@
+"""Preloaded into every worker of an embedded cluster (``--preload`` of the nanny's worker).
+
+The embedded workers are child processes in the client's process group, so an interrupt
+sent to the group (a notebook's stop button, Ctrl-C in a terminal) would reach them too
+and print ``KeyboardInterrupt`` tracebacks from inside the wells. The run's client
+cancels the run cleanly instead; the workers ignore SIGINT and end when their cluster
+is closed.
+"""
+
+from __future__ import annotations
+
+import signal
+from typing import Any
+
+__all__ = ["dask_setup"]
+
+
+def dask_setup(worker: Any) -> None:
+    """Ignore SIGINT in this worker process (runs in its main thread, before it takes tasks)."""
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+    except ValueError:  # not the main thread: nothing can be done here
+        pass

@@ -1,0 +1,849 @@
+"""The client side of a run: :func:`submit_plate` returns a :class:`PlateRun` you can hold.
+
+A driver thread hands wells to workers itself, one per free slot (a thread, or a
+``GPU`` resource for GPU pipelines), each task restricted to the worker it was given
+to. So the driver knows exactly which wells run where, and nothing waits queued on
+a worker: when a worker dies, only the wells it was running are touched, whatever
+the cluster's ``allowed-failures``, threads per worker or resources.
+
+* One well on the dead worker: that well killed it. The run counts an attempt and
+  tries it again (``worker_death_retries``), alone on a worker.
+* Several wells: each is a suspect and runs again *alone* on a worker with nothing
+  else of the run on it, with no attempt counted. The one that dies alone is the
+  culprit; the others end as they would have.
+* Wells on a worker that the run itself ended (a timeout) run again, uncounted.
+
+A well past ``well_timeout`` is ended from outside its process, by its nanny
+(``SIGKILL`` to the worker process) or, without a nanny, by this machine's
+operating system where the worker runs here; the start time is the current
+submission's, never an earlier run's record.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import os
+import queue
+import signal
+import sys
+import threading
+import time
+import uuid
+from collections import deque
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from typing import Any
+
+import cloudpickle
+
+from hcs_dask.cluster import ClusterError, check_cluster, connect
+from hcs_dask.compile import PlateGraph, WellPlan, compile_plate, write_output
+from hcs_dask.guard import run_well
+from hcs_dask.options import ClusterSpec, RunPolicy, split_options
+from hcs_dask.pipeline import Pipeline, load_pipeline
+from hcs_dask.plate import Plate, row_index, split_well_name
+from hcs_dask.results import ExecutionResult, PlateResult
+from hcs_dask.store import Manifest
+
+__all__ = ["PlateRun", "run_plate", "submit_graph", "submit_plate"]
+
+logger = logging.getLogger("hcs_dask")
+
+#: Seconds the running wells get to finish when a run is cancelled, before their
+#: worker processes are ended.
+CANCEL_GRACE_SECONDS = 10.0
+#: The same after an interrupt of :func:`run_plate` (Ctrl-C, a notebook's stop button).
+INTERRUPT_GRACE_SECONDS = 3.0
+
+
+# ------------------------------------------------------------------ the handle
+class PlateRun:
+    """A plate run in progress: ask it how it goes, wait for it, or stop it.
+
+    Made by :func:`submit_plate`; the wells run in the background.
+
+    Examples
+    --------
+    >>> run = submit_plate("my_plate", "nuclei_count", "out.ome.zarr")  # doctest: +SKIP
+    >>> run.status()  # doctest: +SKIP
+    {'queued': 80, 'running': 2, 'ok': 14}
+    >>> result = run.result()  # doctest: +SKIP
+    """
+
+    def __init__(self, driver: _Driver) -> None:
+        self._driver = driver
+
+    @property
+    def plate(self) -> str:
+        return self._driver.graph.plate.name
+
+    @property
+    def output(self) -> str:
+        return self._driver.graph.output
+
+    @property
+    def dashboard_link(self) -> str | None:
+        """The Dask dashboard of the cluster the plate runs on."""
+        return getattr(self._driver.client, "dashboard_link", None)
+
+    @property
+    def done(self) -> bool:
+        """Whether every well has ended (or the run was cancelled or broke)."""
+        return self._driver.finished.is_set()
+
+    def status(self) -> dict[str, int]:
+        """Per-status counts now: ``queued``, ``running`` and the final statuses so far."""
+        return self._driver.counts()
+
+    def progress(self) -> Any:
+        """A progress bar of finished wells: a widget in Jupyter, a text bar elsewhere."""
+        return self._driver.add_bar()
+
+    def wait(self, timeout: float | None = None) -> PlateResult:
+        """Wait until every well has ended and return the :class:`PlateResult`.
+
+        Raises
+        ------
+        TimeoutError
+            If the run has not ended after ``timeout`` seconds (it keeps running).
+        """
+        deadline = None if timeout is None else time.monotonic() + timeout
+        # Short waits, so that KeyboardInterrupt reaches the calling thread at once.
+        while not self._driver.finished.wait(0.2):
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"plate {self.plate}: not finished after {timeout:g} s ({self.status()})")
+        if self._driver.error is not None:
+            raise self._driver.error
+        assert self._driver.result is not None
+        return self._driver.result
+
+    def result(self) -> PlateResult:
+        """The :class:`PlateResult`, once every well has ended (waits)."""
+        return self.wait()
+
+    def cancel(self, grace: float = CANCEL_GRACE_SECONDS) -> None:
+        """Stop the run: no new wells start; running wells get ``grace`` seconds to finish.
+
+        Wells still running after that are stopped (their worker processes are ended),
+        and every well that did not end is recorded ``cancelled`` in the manifest, so
+        that ``resume=True`` (``--resume``) completes the plate. Returns once the run has
+        stopped.
+        """
+        if not self.done:
+            self._driver.events.put(("cancel", max(0.0, float(grace))))
+            self._driver.finished.wait()
+
+    def __repr__(self) -> str:
+        counts = ", ".join(f"{n} {s}" for s, n in self.status().items())
+        state = "done" if self.done else "running"
+        return f"PlateRun({self.plate!r}, {state}: {counts}, output={self.output!r})"
+
+    def _repr_html_(self) -> str:
+        counts = ", ".join(f"{n} {html.escape(s)}" for s, n in self.status().items())
+        link = self.dashboard_link
+        dashboard = f' · <a href="{html.escape(link)}" target="_blank">dashboard</a>' if link else ""
+        return (f"<b>{html.escape(self.plate)}</b> ({'done' if self.done else 'running'}): {counts}"
+                f"{dashboard} → <code>{html.escape(self.output)}</code>")
+
+
+# ------------------------------------------------------------------ entry points
+def submit_plate(
+    plate: Plate | str | os.PathLike[str],
+    pipeline: Pipeline | str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    client: Any = None,
+    *,
+    progress: bool = False,
+    **options: Any,
+) -> PlateRun:
+    """Start ``pipeline`` on every well of ``plate``, writing an OME-Zarr plate to ``output``.
+
+    Returns as soon as the wells are handed to the cluster. Everything that can be
+    checked before a pixel is read (the plate, the pipeline, the options, the output
+    path, the cluster) is checked first; then nothing has been written if it fails.
+
+    Parameters
+    ----------
+    plate : Plate or path
+        An opened plate, or a plate folder (opened with :func:`hcs_dask.open_plate`).
+    pipeline : Pipeline, bundled graph name or pipeline file
+        What to run (:func:`hcs_dask.load_pipeline` for a name or a path).
+    output : path
+        The ``.ome.zarr`` plate to create; the measurement table goes next to it.
+    client : distributed.Client, optional
+        Run on this client's cluster. Without it (and without ``scheduler=``) an
+        embedded cluster is started, and closed when the run ends.
+    progress : bool
+        Show a progress bar from the start (``PlateRun.progress()`` adds one later).
+    **options
+        The fields of :class:`hcs_dask.options.ClusterSpec` (``scheduler``,
+        ``n_workers``, ``threads_per_worker``, ``memory_limit``, ``cluster``,
+        ``cluster_options``) and of :class:`hcs_dask.options.RunPolicy`
+        (``well_timeout``, ``worker_death_retries``, ``failure_retries``,
+        ``stall_timeout``, ``manifest``, ``overwrite``, ``resume``).
+
+    Returns
+    -------
+    PlateRun
+
+    Raises
+    ------
+    OptionError, PlateError, PipelineError, CompileError, OutputError, ClusterError
+        Before anything is written, naming the option, file, step or path at fault.
+    """
+    spec, policy = split_options({"client": client, **options})
+    if not isinstance(plate, Plate):
+        from hcs_dask.formats import open_plate
+
+        plate = open_plate(plate)
+    if not isinstance(pipeline, Pipeline):
+        pipeline = load_pipeline(pipeline)
+    check_cluster(spec.cluster, client=spec.client, scheduler=spec.scheduler, n_workers=spec.n_workers,
+                  threads_per_worker=spec.threads_per_worker, **spec.cluster_options)
+    if pipeline.uses_gpu() and spec.embedded and spec.cluster == "local" \
+            and "resources" not in spec.cluster_options:
+        raise _no_gpu_error(pipeline)
+    # Plans only: the output is written once the cluster is there, so that a cluster that
+    # cannot be reached leaves nothing behind.
+    graph = compile_plate(plate, pipeline, output, overwrite=policy.overwrite, resume=policy.resume,
+                          write_layout=False, manifest=policy.manifest)
+    # Pickled afresh for every submission: the workers run the code as it is now.
+    blob = cloudpickle.dumps(pipeline)
+    owned = ExitStack()
+    try:
+        active = owned.enter_context(connect(
+            client=spec.client, scheduler=spec.scheduler, n_workers=spec.n_workers,
+            threads_per_worker=spec.threads_per_worker, memory_limit=spec.memory_limit,
+            cluster=spec.cluster, **spec.cluster_options))
+        if pipeline.uses_gpu():
+            _require_gpu_workers(active, pipeline)
+        if not policy.resume:
+            write_output(graph, overwrite=policy.overwrite)
+        driver = _Driver(graph, active, policy, blob, owned)
+    except BaseException:
+        owned.close()
+        raise
+    if progress:
+        driver.add_bar()
+    driver.start()
+    return PlateRun(driver)
+
+
+def submit_graph(graph: PlateGraph, client: Any, policy: RunPolicy | None = None, *,
+                 progress: bool = False) -> PlateRun:
+    """Start the wells of an already compiled plate (:func:`hcs_dask.compile_plate`) on ``client``.
+
+    The output layout must exist (``compile_plate`` with ``write_layout=True``, the
+    default). The client's cluster stays open after the run.
+    """
+    driver = _Driver(graph, client, policy or RunPolicy(), cloudpickle.dumps(graph.pipeline), ExitStack())
+    if progress:
+        driver.add_bar()
+    driver.start()
+    return PlateRun(driver)
+
+
+def run_plate(
+    plate: Plate | str | os.PathLike[str],
+    pipeline: Pipeline | str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    client: Any = None,
+    *,
+    progress: bool | None = None,
+    **options: Any,
+) -> PlateResult:
+    """Run ``pipeline`` on every well of ``plate`` and return the :class:`PlateResult`.
+
+    ``submit_plate(...).result()``, with a progress bar by default where one can be
+    seen (a terminal or Jupyter). An interrupt (Ctrl-C, a notebook's stop button)
+    cancels the run as :meth:`PlateRun.cancel` does, leaving a store that
+    ``resume=True`` completes, and is raised again. Parameters as :func:`submit_plate`.
+
+    Examples
+    --------
+    >>> result = run_plate(open_plate("my_plate"), pipeline, "out.ome.zarr")  # doctest: +SKIP
+    >>> result.counts()  # doctest: +SKIP
+    {'ok': 96}
+    """
+    if progress is None:
+        progress = _in_jupyter() or sys.stderr.isatty()
+    run = submit_plate(plate, pipeline, output, client, progress=progress, **options)
+    try:
+        return run.result()
+    except KeyboardInterrupt:
+        logger.warning("interrupted: cancelling plate %s (resume=True / --resume completes it)", run.plate)
+        run.cancel(grace=INTERRUPT_GRACE_SECONDS)
+        raise
+
+
+# ------------------------------------------------------------------ the driver
+@dataclass
+class _InFlight:
+    plan: WellPlan
+    attempt: int
+    future: Any
+    worker: str
+    solo: bool
+    token: str
+    started: float  # wall clock at submission: the current attempt's start as the client knows it
+
+
+@dataclass
+class _Worker:
+    address: str
+    slots: int
+    nanny: str | None
+    host: str
+    memory_limit: int = 0
+    running: bool = True
+    retired: bool = False  # the run ended its process: no more wells until it is gone
+    keys: set = field(default_factory=set)
+    solo: bool = False
+
+
+class _Driver:
+    """The client side of one run, on a thread of its own."""
+
+    POLL_SECONDS = 0.5
+
+    def __init__(self, graph: PlateGraph, client: Any, policy: RunPolicy, blob: bytes, owned: ExitStack) -> None:
+        self.graph = graph
+        self.client = client
+        self.policy = policy
+        self.blob = blob
+        self.owned = owned
+        self.manifest = Manifest(graph.output) if policy.manifest else None
+        self.run_id = uuid.uuid4().hex[:8]
+        self.results: dict[str, ExecutionResult] = {
+            record["well"]: ExecutionResult.from_record(record) for record in graph.done
+        }
+        self.pending: deque[tuple[WellPlan, int]] = deque((plan, 1) for plan in graph.plans)
+        self.suspects: deque[tuple[WellPlan, int]] = deque()
+        self.inflight: dict[Any, _InFlight] = {}
+        self.workers: dict[str, _Worker] = {}
+        self.recycled: set[str] = set()
+        self.submissions = 0
+        self.events: queue.SimpleQueue = queue.SimpleQueue()
+        self.lock = threading.Lock()
+        self.bars: list[Any] = []
+        self.cancel_deadline: float | None = None
+        self.finished = threading.Event()
+        self.result: PlateResult | None = None
+        self.error: BaseException | None = None
+        self.started = time.perf_counter()
+        # Wells of a pipeline with GPU steps run only where a GPU is (workers started with
+        # resources={"GPU": n}, as --cluster cuda does); a slot is then one GPU.
+        self.resources = {"GPU": 1} if graph.pipeline.uses_gpu() else None
+        self.thread = threading.Thread(target=self._main, name=f"hcs-dask-driver-{graph.plate.name}", daemon=True)
+
+    def start(self) -> None:
+        from hcs_dask.plugin import CleanupPlugin
+
+        self.client.register_plugin(CleanupPlugin())
+        self._refresh_workers()
+        self.thread.start()
+
+    # ---------------------------------------------------------- reading state
+    def counts(self) -> dict[str, int]:
+        with self.lock:
+            counts = {"queued": len(self.pending) + len(self.suspects), "running": len(self.inflight)}
+            for result in self.results.values():
+                counts[result.status] = counts.get(result.status, 0) + 1
+        return {status: n for status, n in counts.items() if n or status in ("queued", "running")}
+
+    def add_bar(self) -> Any:
+        bar = _progress_bar(total=len(self.graph.plans) + len(self.graph.done), unit="well",
+                            desc=self.graph.plate.name)
+        with self.lock:
+            bar.update(len(self.results))
+            if self.finished.is_set():
+                bar.close()
+            else:
+                self.bars.append(bar)
+        return bar
+
+    # -------------------------------------------------------------- the loop
+    def _main(self) -> None:
+        try:
+            self._loop()
+            self.result = self._plate_result()
+        except BaseException as error:  # the run is broken: stop what is in flight, report it
+            self.error = error
+            try:
+                self.client.cancel([entry.future for entry in self.inflight.values()], force=True)
+            except Exception:  # the client may be gone already
+                pass
+        finally:
+            try:
+                self.owned.close()
+            except Exception as error:
+                logger.warning("closing the embedded cluster failed: %s", error)
+            with self.lock:
+                for bar in self.bars:
+                    bar.close()
+                self.bars.clear()
+            self.finished.set()
+
+    def _loop(self) -> None:
+        self._fill()
+        last_refresh = last_progress = time.monotonic()
+        while self.inflight or self.pending or self.suspects:
+            try:
+                kind, payload = self.events.get(timeout=self.POLL_SECONDS)
+            except queue.Empty:
+                kind, payload = None, None
+            if kind == "done":
+                if self._handle(payload):
+                    last_progress = time.monotonic()
+            elif kind == "cancel":
+                self._start_cancel(payload)
+            now = time.monotonic()
+            if now - last_refresh >= self.POLL_SECONDS:
+                last_refresh = now
+                self._refresh_workers()
+            if self.cancel_deadline is not None:
+                if now >= self.cancel_deadline:
+                    self._stop_inflight()
+                continue
+            if self.policy.well_timeout is not None and self._check_timeouts():
+                last_progress = now
+            self._fill()
+            if now - last_progress > self.policy.stall_timeout:
+                self._report_stall(now - last_progress)
+                last_progress = now
+
+    # ------------------------------------------------------------ placement
+    def _refresh_workers(self) -> None:
+        info = self.client.scheduler_info(n_workers=-1)["workers"]
+        for address in [a for a in self.workers if a not in info]:
+            self._worker_lost(address)
+        for address, worker in info.items():
+            if self.resources:
+                slots = int(worker.get("resources", {}).get("GPU", 0))
+            else:
+                slots = int(worker.get("nthreads", 1))
+            known = self.workers.get(address)
+            if known is None:
+                known = self.workers[address] = _Worker(address, slots, worker.get("nanny"),
+                                                        worker.get("host", ""), worker.get("memory_limit") or 0)
+            known.slots = slots
+            known.running = worker.get("status", "running") == "running"
+
+    def _fill(self) -> None:
+        if self.cancel_deadline is not None:
+            return
+        usable = [w for w in self.workers.values() if w.running and not w.retired and w.slots > 0]
+        # Suspects first, each alone on a worker with nothing else of this run on it.
+        for worker in usable:
+            if not self.suspects:
+                break
+            if not worker.keys:
+                plan, attempt = self.suspects.popleft()
+                self._submit(plan, attempt, worker, solo=True)
+        if self.suspects:
+            return  # other wells wait until a worker is free for the next suspect
+        while self.pending:
+            free = [w for w in usable if not w.solo and len(w.keys) < w.slots]
+            if not free:
+                return
+            worker = max(free, key=lambda w: w.slots - len(w.keys))
+            plan, attempt = self.pending.popleft()
+            self._submit(plan, attempt, worker, solo=False)
+
+    def _submit(self, plan: WellPlan, attempt: int, worker: _Worker, *, solo: bool) -> None:
+        self.submissions += 1
+        key: Any = plan.key
+        if self.submissions > len(self.graph.plans) or key in getattr(self.client, "futures", {}):
+            key = (*plan.key, self.run_id, self.submissions)
+        token = f"{self.run_id}-{self.submissions}"
+        future = self.client.submit(run_well, plan, self.blob, attempt, token, key=key, pure=False,
+                                    workers=[worker.address], allow_other_workers=False,
+                                    resources=self.resources)
+        with self.lock:
+            self.inflight[future.key] = _InFlight(plan, attempt, future, worker.address, solo, token, time.time())
+        worker.keys.add(future.key)
+        worker.solo = worker.solo or solo
+        future.add_done_callback(lambda f: self.events.put(("done", f)))
+
+    def _take(self, key: Any) -> _InFlight | None:
+        """Remove an in-flight entry and free its slot."""
+        with self.lock:
+            entry = self.inflight.pop(key, None)
+        if entry is not None:
+            worker = self.workers.get(entry.worker)
+            if worker is not None:
+                worker.keys.discard(key)
+                if entry.solo:
+                    worker.solo = False
+        return entry
+
+    # ------------------------------------------------------------- outcomes
+    def _handle(self, future: Any) -> bool:
+        """Act on a finished future; True when a well reached its final record."""
+        if future.key not in self.inflight:
+            return False  # already dealt with (timeout, cancel, lost worker)
+        if future.status == "error":
+            from distributed.scheduler import KilledWorker
+
+            error = future.exception()
+            if isinstance(error, KilledWorker):
+                entry = self.inflight[future.key]
+                return self._worker_lost(entry.worker, pid=getattr(error.last_worker, "pid", None))
+        entry = self._take(future.key)
+        assert entry is not None
+        return self._outcome(entry)
+
+    def _outcome(self, entry: _InFlight) -> bool:
+        future, plan = entry.future, entry.plan
+        if future.status == "finished":
+            result = self._result_of(entry)
+            if not result.ok and entry.attempt <= self.policy.failure_retries and self.cancel_deadline is None:
+                self.pending.appendleft((plan, entry.attempt + 1))
+                return False
+            self._finish(result, entry, write=False)
+            return True
+        if future.status == "cancelled":
+            self._finish(ExecutionResult(
+                well=plan.well.name, status="cancelled", attempts=entry.attempt,
+                error="the task was cancelled outside hcs_dask (scheduler restart or client.cancel)"), entry)
+            return True
+        error = future.exception()
+        self._finish(ExecutionResult(well=plan.well.name, status="failed", attempts=entry.attempt,
+                                     error_type=type(error).__name__, error=_text(error)), entry)
+        return True
+
+    def _result_of(self, entry: _InFlight) -> ExecutionResult:
+        """The well's result, read from its manifest record where there is one.
+
+        The record was written by the task before it returned, so reading it needs no
+        transfer from the worker, and it is there even if that worker died since.
+        """
+        if self.manifest is not None:
+            record = self.manifest.read_well(entry.plan.well.name)
+            if record and record.get("run") == entry.token and record.get("status") != "running":
+                entry.future.release()
+                return ExecutionResult.from_record(record)
+        return entry.future.result()
+
+    def _finish(self, result: ExecutionResult, entry: _InFlight | None, *, write: bool = True) -> None:
+        if write:
+            if entry is not None:
+                result.started = result.started or entry.started
+            result.finished = time.time()
+            if self.manifest is not None:
+                self.manifest.write_well(result.record())
+        with self.lock:
+            self.results[result.well] = result
+            for bar in self.bars:
+                bar.update(1)
+                if not result.ok:
+                    bar.write(f"well {result.well}: {result.status}: "
+                              f"{result.error_type or result.cause or ''}: {result.error}")
+        if not result.ok and not self.bars:
+            logger.warning("well %s: %s: %s", result.well, result.status, result.error or result.cause)
+
+    def _worker_lost(self, address: str, pid: int | None = None) -> bool:
+        """A worker is gone: sort the wells it was running into culprit, suspects and innocents."""
+        worker = self.workers.pop(address, None)
+        entries = [entry for entry in list(self.inflight.values()) if entry.worker == address]
+        for entry in entries:
+            self._take(entry.future.key)
+        lost = []
+        final = False
+        for entry in entries:
+            if entry.future.status == "finished":  # it ended before the worker did
+                final = self._outcome(entry) or final
+            else:
+                lost.append(entry)
+        if not lost:
+            return final
+        try:
+            self.client.cancel([entry.future for entry in lost], force=True)
+        except Exception:  # the scheduler forgot them already
+            pass
+        names = ", ".join(entry.plan.well.name for entry in lost)
+        if self.cancel_deadline is not None:
+            for entry in lost:
+                self._finish(self._cancelled(entry, f"its worker {address} was lost while the run was cancelled"),
+                             entry)
+            return True
+        if address in self.recycled:  # ended by this run after another well's timeout
+            self.recycled.discard(address)
+            for entry in lost:
+                self.pending.appendleft((entry.plan, entry.attempt))
+            logger.info("wells %s: their worker %s was ended for a timeout; running them again", names, address)
+            return final
+        if self._removal_expected(address):  # retired on purpose (lifetime, scale-down): no one's fault
+            for entry in lost:
+                self.pending.appendleft((entry.plan, entry.attempt))
+            logger.info("wells %s: worker %s retired while running them; running them again", names, address)
+            return final
+        if len(lost) > 1:
+            for entry in lost:
+                self.suspects.append((entry.plan, entry.attempt))
+            logger.warning("worker %s died while running %d wells (%s); each runs again alone to find the "
+                           "one that killed it", address, len(lost), names)
+            return final
+        entry = lost[0]
+        cause = self._death_cause(address, worker, pid)
+        if entry.attempt <= self.policy.worker_death_retries:
+            logger.warning("well %s: worker %s died (%s); trying again alone (attempt %d)",
+                           entry.plan.well.name, address, cause, entry.attempt + 1)
+            self.suspects.appendleft((entry.plan, entry.attempt + 1))
+            return final
+        self._finish(ExecutionResult(
+            well=entry.plan.well.name, status="worker_died", attempts=entry.attempt, worker=address, pid=pid,
+            cause=cause, error_type="KilledWorker",
+            error=f"worker {address} (pid {pid or 'unknown'}) died while running the well: {cause}"), entry)
+        return True
+
+    def _removal_expected(self, address: str) -> bool:
+        """Whether the scheduler removed the worker on request (retirement), not after a death."""
+        try:
+            events = self.client.get_events(address)
+        except Exception:  # no events kept: take it as a death
+            return False
+        for _, event in reversed(list(events)):
+            if isinstance(event, dict) and event.get("action") == "remove-worker":
+                return bool(event.get("expected"))
+        return False
+
+    def _death_cause(self, address: str, worker: _Worker | None, pid: int | None) -> str:
+        """Why a worker died, from the nanny's memory-kill events and its log of the exit."""
+        nanny = worker.nanny if worker is not None else None
+        deadline = time.monotonic() + 3.0
+        while True:
+            for _, event in self.client.get_events("worker-restart-memory"):
+                if (pid is not None and event.get("pid") == pid) or event.get("worker") == address:
+                    limit = worker.memory_limit if worker is not None else 0
+                    return (f"memory: the nanny restarted the worker at {event.get('rss', 0) / 2**20:.0f} MiB "
+                            f"RSS (limit {limit / 2**20:.0f} MiB)")
+            for lines in self._nanny_logs(nanny):
+                for _, message in lines:  # newest first
+                    # "... Worker process 1234 was killed by signal 11" (the nanny's words)
+                    _, marker, rest = message.partition("Worker process ")
+                    number, _, tail = rest.partition(" ")
+                    if marker and number.isdigit() and (pid is None or number == str(pid)):
+                        return _signal_text(tail)
+            if time.monotonic() > deadline:
+                return "worker process died (no exit status known: no nanny, or it did not say)"
+            time.sleep(0.2)
+
+    def _nanny_logs(self, nanny: str | None) -> list[list[tuple[str, str]]]:
+        """The recent log lines of the dead worker's nanny, newest first; [] where there is none.
+
+        Asked of the nanny directly: a broadcast through the scheduler reaches a nanny only
+        once its restarted worker has registered again.
+        """
+        if nanny is None:
+            return []
+
+        async def ask() -> Any:
+            return await self.client.rpc(nanny).get_logs()
+
+        try:
+            lines = self.client.sync(ask)
+        except Exception:  # a nanny that is itself gone: no log to read
+            return []
+        return [[(str(level), str(message)) for level, message in lines]]
+
+    # ------------------------------------------------------------ deadlines
+    def _check_timeouts(self) -> bool:
+        """End the wells running past ``well_timeout``; True when any did."""
+        limit = self.policy.well_timeout
+        assert limit is not None
+        now = time.time()
+        late = [entry for entry in list(self.inflight.values()) if now - entry.started > limit]
+        for entry in late:
+            self._take(entry.future.key)
+            logger.warning("well %s: no result after %.0f s; ending worker %s", entry.plan.well.name, limit,
+                           entry.worker)
+            self._finish(ExecutionResult(
+                well=entry.plan.well.name, status="timeout", attempts=entry.attempt, worker=entry.worker,
+                started=entry.started, cause=f"ran longer than well_timeout={limit:g} s",
+                error=f"no result after {limit:g} s; its worker process {entry.worker} was ended"), entry)
+            self._end_worker(entry)
+        return bool(late)
+
+    def _end_worker(self, entry: _InFlight) -> None:
+        """End the process running ``entry`` from outside: a hung thread cannot be stopped from inside."""
+        try:
+            self.client.cancel([entry.future], force=True)
+        except Exception:
+            pass
+        worker = self.workers.get(entry.worker)
+        self.recycled.add(entry.worker)
+        if worker is not None:
+            worker.retired = True
+        if worker is not None and worker.nanny:
+            try:
+                self.client.run(_kill_worker_process, workers=[entry.worker], nanny=True)
+                return
+            except Exception as error:
+                logger.warning("the nanny of %s could not end its worker: %s", entry.worker, error)
+        pid = self._worker_pid(entry.worker)
+        if pid is not None and worker is not None and _is_this_machine(worker.host):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                return
+            except OSError as error:
+                logger.warning("ending worker process %d failed: %s", pid, error)
+        logger.warning("worker %s has no nanny and does not run on this machine: it cannot be ended from "
+                       "outside; no more wells go to it", entry.worker)
+
+    def _worker_pid(self, address: str) -> int | None:
+        try:
+            return self.client.run_on_scheduler(_scheduler_worker_pid, address)
+        except Exception:
+            return None
+
+    def _report_stall(self, seconds: float) -> None:
+        where = ", ".join(f"{entry.plan.well.name} on {entry.worker}"
+                          for entry in sorted(self.inflight.values(), key=lambda e: e.plan.well.name)[:20])
+        waiting = len(self.pending) + len(self.suspects)
+        logger.warning("no well has finished for %.0f s; %d running: %s; %d waiting; %d usable workers",
+                       seconds, len(self.inflight), where or "none", waiting,
+                       sum(1 for w in self.workers.values() if w.running and not w.retired and w.slots))
+
+    # ------------------------------------------------------------- cancel
+    def _cancelled(self, entry_or_plan: Any, why: str) -> ExecutionResult:
+        plan = entry_or_plan.plan if isinstance(entry_or_plan, _InFlight) else entry_or_plan
+        return ExecutionResult(well=plan.well.name, status="cancelled", error=f"cancelled: {why}",
+                               attempts=getattr(entry_or_plan, "attempt", 1))
+
+    def _start_cancel(self, grace: float) -> None:
+        if self.cancel_deadline is not None:
+            self.cancel_deadline = min(self.cancel_deadline, time.monotonic() + grace)
+            return
+        self.cancel_deadline = time.monotonic() + grace
+        waiting = list(self.pending) + list(self.suspects)
+        with self.lock:
+            self.pending.clear()
+            self.suspects.clear()
+        for plan, attempt in waiting:
+            result = self._cancelled(plan, "the run was cancelled before the well started")
+            result.attempts = attempt
+            self._finish(result, None)
+
+    def _stop_inflight(self) -> None:
+        for entry in list(self.inflight.values()):
+            self._take(entry.future.key)
+            self._finish(self._cancelled(entry, "the run was cancelled while the well ran; its worker "
+                                                "process was ended"), entry)
+            self._end_worker(entry)
+
+    # -------------------------------------------------------------- result
+    def _plate_result(self) -> PlateResult:
+        graph = self.graph
+        names = [plan.well.name for plan in graph.plans] + [record["well"] for record in graph.done]
+        ordered = [self.results[name] for name in sorted(names, key=_well_order)]
+        result = PlateResult(plate=graph.plate.name, output=graph.output, wells=ordered,
+                             seconds=time.perf_counter() - self.started)
+        table = result.measurements
+        if len(table.columns) > 1:
+            table.to_csv(graph.measurements_path, index=False)
+            result.measurements_path = str(graph.measurements_path)
+        return result
+
+
+# ------------------------------------------------------------------ helpers
+def _text(error: BaseException) -> str:
+    try:
+        return str(error)
+    except Exception:
+        return f"<the error message could not be made ({type(error).__name__})>"
+
+
+def _kill_worker_process(dask_worker: Any) -> int | None:
+    """On a nanny: SIGKILL its worker process (which a GIL-holding well cannot delay)."""
+    pid = dask_worker.pid
+    if pid:
+        os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def _scheduler_worker_pid(address: str, dask_scheduler: Any) -> int | None:
+    state = dask_scheduler.workers.get(address)
+    return getattr(state, "pid", None)
+
+
+def _is_this_machine(host: str) -> bool:
+    import socket
+
+    if host in ("127.0.0.1", "localhost", "::1"):
+        return True
+    try:
+        return host in {socket.gethostname(), socket.getfqdn(), socket.gethostbyname(socket.gethostname())}
+    except OSError:
+        return False
+
+
+def _require_gpu_workers(client: Any, pipeline: Pipeline) -> None:
+    """Fail at once, not hang in ``no-worker``, when a GPU pipeline meets a cluster without GPUs."""
+    workers = client.scheduler_info(n_workers=-1)["workers"].values()
+    if not any(worker.get("resources", {}).get("GPU") for worker in workers):
+        raise _no_gpu_error(pipeline)
+
+
+def _no_gpu_error(pipeline: Pipeline) -> ClusterError:
+    steps = ", ".join(s.name for s in pipeline.steps if s.array_type != "numpy")
+    return ClusterError(
+        f"pipeline {pipeline.name!r} has GPU steps ({steps}) but no worker of this cluster offers "
+        "resources={'GPU': ...}; run with --cluster cuda (run_plate(cluster='cuda')), or start "
+        "dask-cuda workers with --resources GPU=1"
+    )
+
+
+def _signal_text(tail: str) -> str:
+    """The end of a nanny's "Worker process N ..." line, in words.
+
+    ``"was killed by signal 9"`` → ``"killed by signal 9 (SIGKILL)"``;
+    ``"exited with status 1"`` → ``"process exited with status 1"``; anything else unchanged.
+
+    >>> _signal_text("was killed by signal 11")
+    'killed by signal 11 (SIGSEGV)'
+    >>> _signal_text("exited with status 1")
+    'process exited with status 1'
+    """
+    words = tail.split()
+    if "signal" in words and words[-1].isdigit():
+        number = int(words[-1])
+        try:
+            return f"killed by signal {number} ({signal.Signals(number).name})"
+        except ValueError:
+            return f"killed by signal {number}"
+    if "status" in words and words[-1].lstrip("-").isdigit():
+        return f"process exited with status {words[-1]}"
+    return tail
+
+
+def _well_order(name: str) -> tuple[int, int]:
+    row, column = split_well_name(name)
+    return row_index(row), column
+
+
+def _in_jupyter() -> bool:
+    shell = sys.modules.get("IPython")
+    if shell is None:
+        return False
+    try:
+        ipython = shell.get_ipython()
+    except AttributeError:
+        return False
+    return ipython is not None and "IPKernelApp" in getattr(ipython, "config", {})
+
+
+def _progress_bar(**options: Any) -> Any:
+    if _in_jupyter():
+        try:
+            import ipywidgets  # noqa: F401  (tqdm's widget needs it; without it, a text bar)
+            from tqdm.notebook import tqdm as notebook_tqdm
+
+            return notebook_tqdm(**options)
+        except ImportError:
+            pass
+    from tqdm import tqdm
+
+    return tqdm(file=sys.stderr, **options)
+
