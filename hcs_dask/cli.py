@@ -21,6 +21,8 @@ from hcs_dask.pipeline import PipelineError, load_pipeline
 from hcs_dask.results import PlateResult
 from hcs_dask.store import OutputError
 
+__all__ = ["main"]
+
 #: Errors that mean "the input is wrong": exit code 2, nothing written.
 INPUT_ERRORS = (OptionError, PlateError, PipelineError, CompileError, OutputError)
 

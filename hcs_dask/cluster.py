@@ -23,11 +23,16 @@ from typing import Any, Iterator
 
 import dask
 
+__all__ = ["CLUSTER_KINDS", "ClusterError", "ClusterOptionError", "EMBEDDED_SCHEDULER_CONFIG", "available_cores",
+           "check_cluster", "connect", "cuda_device_count"]
+
 #: How the embedded scheduler treats worker deaths. hcs_dask retries a well whose
-#: worker died itself (``worker_death_retries``), so the scheduler must not: with
-#: ``allowed-failures`` 0 a death is reported at once as ``KilledWorker``. With
-#: ``worker-saturation`` 1.0 a worker holds only as many wells as it has threads, so
-#: a death implicates only the wells actually running there, never queued neighbours.
+#: worker died itself (``worker_death_retries``), so the scheduler need not: with
+#: ``allowed-failures`` 0 a death is reported at once as ``KilledWorker``, the driver's
+#: quickest signal (on other clusters it sees the worker leave instead). The driver
+#: places every well on a free slot itself (``hcs_dask.driver``), so no well is queued
+#: on a worker whatever ``worker-saturation`` says; 1.0 keeps the scheduler's own
+#: queue out of the way for other tasks too.
 #:
 #: Dask's nanny sets ``MALLOC_TRIM_THRESHOLD_=65536`` in every worker. Setting it at
 #: all turns off glibc's adaptive mmap threshold, so every image-sized array

@@ -15,6 +15,9 @@ from hcs_dask.pipeline import Pipeline, PipelineError
 from hcs_dask.plate import AXES, Plate, Well
 from hcs_dask.store import Manifest, check_output, create_plate_layout, measurements_path
 
+__all__ = ["CompileError", "PlateGraph", "ResumeError", "WELL_TASK_PREFIX", "WellPlan", "check_plate",
+           "check_sequential", "compile_plate", "write_output"]
+
 
 class CompileError(ValueError):
     """A plate that cannot be run as it is (gaps, unknown image shape, …)."""

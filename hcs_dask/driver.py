@@ -334,7 +334,10 @@ class _Driver:
         self.started = time.perf_counter()
         # Wells of a pipeline with GPU steps run only where a GPU is (workers started with
         # resources={"GPU": n}, as --cluster cuda does); a slot is then one GPU.
-        self.resources = {"GPU": 1} if graph.pipeline.uses_gpu() else None
+        if policy.resources is not None:
+            self.resources: dict[str, float] | None = dict(policy.resources)
+        else:
+            self.resources = {"GPU": 1} if graph.pipeline.uses_gpu() else None
         self.thread = threading.Thread(target=self._main, name=f"hcs-dask-driver-{graph.plate.name}", daemon=True)
 
     def start(self) -> None:
@@ -419,10 +422,10 @@ class _Driver:
         for address in [a for a in self.workers if a not in info]:
             self._worker_lost(address)
         for address, worker in info.items():
-            if self.resources:
-                slots = int(worker.get("resources", {}).get("GPU", 0))
-            else:
-                slots = int(worker.get("nthreads", 1))
+            slots = int(worker.get("nthreads", 1))
+            if self.resources:  # as many wells as the worker's resources allow, at most a thread each
+                offered = worker.get("resources", {})
+                slots = min([slots] + [int(offered.get(name, 0) // amount) for name, amount in self.resources.items()])
             known = self.workers.get(address)
             if known is None:
                 known = self.workers[address] = _Worker(address, slots, worker.get("nanny"),
@@ -640,7 +643,9 @@ class _Driver:
             return []
 
         async def ask() -> Any:
-            return await self.client.rpc(nanny).get_logs()
+            import asyncio
+
+            return await asyncio.wait_for(self.client.rpc(nanny).get_logs(), timeout=5)
 
         try:
             lines = self.client.sync(ask)

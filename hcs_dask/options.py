@@ -171,6 +171,10 @@ class RunPolicy:
         Replace an existing output.
     resume : bool
         Run only the wells of an earlier run into the same output that are not ``ok``.
+    resources : mapping, optional
+        Abstract resources each well task asks for (``{"GPU": 1}``, ``{"LICENCE": 1}``):
+        a well then runs only on workers offering them, as many at once as they offer.
+        Default: ``{"GPU": 1}`` for pipelines with GPU steps, none otherwise.
 
     Raises
     ------
@@ -185,6 +189,7 @@ class RunPolicy:
     manifest: bool = True
     overwrite: bool = False
     resume: bool = False
+    resources: Mapping[str, float] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "well_timeout",
@@ -199,6 +204,13 @@ class RunPolicy:
         if self.overwrite and self.resume:
             raise OptionError("overwrite (--overwrite) and resume (--resume) contradict each other: "
                               "resume continues the output, overwrite replaces it")
+        if self.resources is not None:
+            if not isinstance(self.resources, Mapping) or not self.resources or not all(
+                    isinstance(k, str) and isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0
+                    for k, v in self.resources.items()):
+                raise OptionError(f"resources must map resource names to amounts > 0, e.g. {{'GPU': 1}}; "
+                                  f"got {self.resources!r}")
+            object.__setattr__(self, "resources", MappingProxyType(dict(self.resources)))
         if self.resume and not self.manifest:
             raise OptionError("resume (--resume) needs the manifest of the earlier run; manifest=False has none")
 

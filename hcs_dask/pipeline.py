@@ -29,6 +29,9 @@ import cloudpickle
 
 from hcs_dask.plate import AXES
 
+__all__ = ["ARRAY_TYPES", "DEVICE_ARRAY_TYPES", "REDUCED", "Pipeline", "PipelineError", "Step", "StepContext",
+           "array_type_for", "bundled_graphs", "load_pipeline"]
+
 ARRAY_TYPES = ("numpy", "cupy", "torch")
 
 #: A value a collapsed (reduced) axis takes in the coordinates after the step.

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from functools import cached_property
 from typing import Iterator, NamedTuple
 
+__all__ = ["AXES", "ImageKey", "Plate", "Well", "plate_geometry", "row_index", "row_name", "split_well_name"]
+
 #: The axes of an image inside a well. ``well`` is the task axis and is not listed.
 AXES: tuple[str, ...] = ("site", "channel", "z", "timepoint")
-#: All axes of an :class:`ImageKey`.
-IMAGE_AXES: tuple[str, ...] = ("well",) + AXES
 
 _WELL_NAME = re.compile(r"^([A-Z]{1,2})(\d{1,3})$")
 
@@ -63,9 +63,6 @@ class ImageKey(NamedTuple):
     channel: int
     z: int
     timepoint: int
-
-    def axis(self, name: str) -> int | str:
-        return getattr(self, name)
 
 
 @dataclass(frozen=True)
@@ -204,9 +201,6 @@ class Plate:
 
     def row_names(self) -> list[str]:
         return [row_name(i) for i in range(self.plate_rows)]
-
-    def column_names(self) -> list[str]:
-        return [str(c) for c in range(1, self.plate_columns + 1)]
 
     # ----------------------------------------------------------- consistency
     def gaps(self) -> list[str]:

@@ -10,6 +10,8 @@ from typing import Any
 
 import pandas as pd
 
+__all__ = ["STATUSES", "ExecutionResult", "PlateResult"]
+
 #: Well statuses. ``ok`` means the well's arrays are in the store.
 STATUSES = ("ok", "failed", "worker_died", "timeout", "cancelled")
 

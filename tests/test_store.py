@@ -108,7 +108,7 @@ def test_commit_lists_fields_and_reset_removes_them(tmp_path):
     assert os.listdir(output / "A/1") == ["zarr.json"]
 
 
-@pytest.mark.skipif(hcs_dask._USER_SET_MALLOC_TRIM,
+@pytest.mark.skipif(hcs_dask.cluster._USER_SET_MALLOC_TRIM,
                     reason="MALLOC_TRIM_THRESHOLD_ is exported here, and workers rightly keep the user's value")
 def test_embedded_workers_keep_glibc_adaptive_malloc_even_after_a_plain_cluster(monkeypatch):
     # Dask's nanny exports MALLOC_TRIM_THRESHOLD_=65536, which makes every image array a

@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+__all__ = ["ConversionCounter", "array_type_of", "to_array_type", "to_host"]
+
 
 def array_type_of(array: Any) -> str:
     """``"numpy"``, ``"cupy"`` or ``"torch"`` (by the array's module, without importing any)."""
