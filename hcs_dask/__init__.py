@@ -13,6 +13,7 @@ _USER_SET_MALLOC_TRIM = "MALLOC_TRIM_THRESHOLD_" in _os.environ
 
 from hcs_dask.compile import CompileError, PlateGraph, WellPlan, compile_plate
 from hcs_dask.execute import run_plate, run_well
+from hcs_dask.fingerprint import FingerprintError
 from hcs_dask.formats import PlateError, open_plate, write_synthetic_plate
 from hcs_dask.memory.gpu import register_cleaner, release_gpu_pools
 from hcs_dask.pipeline import Pipeline, PipelineError, Step, StepContext, load_pipeline
@@ -25,6 +26,7 @@ __all__ = [
     "CleanupPlugin",
     "CompileError",
     "ExecutionResult",
+    "FingerprintError",
     "ImageKey",
     "OutputError",
     "Pipeline",
