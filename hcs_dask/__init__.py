@@ -7,6 +7,7 @@ pools of loaded frameworks are released, before the result is returned.
 
 from hcs_dask.compile import CompileError, PlateGraph, WellPlan, compile_plate
 from hcs_dask.driver import PlateRun, run_plate, submit_plate
+from hcs_dask.fingerprint import FingerprintError
 from hcs_dask.guard import run_well
 from hcs_dask.options import ClusterSpec, OptionError, RunPolicy
 from hcs_dask.formats import PlateError, open_plate, write_synthetic_plate
@@ -22,6 +23,7 @@ __all__ = [
     "ClusterSpec",
     "CompileError",
     "ExecutionResult",
+    "FingerprintError",
     "ImageKey",
     "OptionError",
     "OutputError",

@@ -11,6 +11,7 @@ import itertools
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from hcs_dask.fingerprint import pipeline_difference, pipeline_record
 from hcs_dask.pipeline import Pipeline, PipelineError
 from hcs_dask.plate import AXES, Plate, Well
 from hcs_dask.store import Manifest, check_output, create_plate_layout, measurements_path
@@ -153,8 +154,7 @@ def compile_plate(
     pipeline.validate()
     check_sequential(pipeline)
     check_plate(plate)
-    fingerprints = {"plate": plate.name, "plate_fingerprint": plate.fingerprint(),
-                    "pipeline": pipeline.name, "pipeline_fingerprint": pipeline.fingerprint()}
+    fingerprints = {"plate": plate.name, "plate_fingerprint": plate.fingerprint(), **pipeline_record(pipeline)}
     done: tuple[dict, ...] = ()
     if resume:
         output_path = Path(output).absolute()
@@ -202,12 +202,14 @@ def _check_resume(output: Path, fingerprints: dict) -> tuple[dict, ...]:
     earlier = manifest.read_run() if output.is_dir() else None
     if earlier is None:
         raise ResumeError(f"{output}: no earlier hcs_dask run to resume (no {Manifest.FOLDER}/run.json)")
-    for what in ("plate", "pipeline"):
-        if earlier.get(f"{what}_fingerprint") != fingerprints[f"{what}_fingerprint"]:
-            raise ResumeError(
-                f"{output}: cannot resume: the {what} differs from the earlier run's "
-                f"(earlier: {earlier.get(what)!r}, fingerprint {earlier.get(f'{what}_fingerprint')}; now: "
-                f"{fingerprints[what]!r}, fingerprint {fingerprints[f'{what}_fingerprint']}); "
-                "run into a new output, or use --overwrite"
-            )
+    if earlier.get("plate_fingerprint") != fingerprints["plate_fingerprint"]:
+        raise ResumeError(
+            f"{output}: cannot resume: the plate differs from the earlier run's "
+            f"(earlier: {earlier.get('plate')!r}, fingerprint {earlier.get('plate_fingerprint')}; now: "
+            f"{fingerprints['plate']!r}, fingerprint {fingerprints['plate_fingerprint']}); "
+            "run into a new output, or use --overwrite"
+        )
+    difference = pipeline_difference(earlier, fingerprints)
+    if difference is not None:
+        raise ResumeError(f"{output}: cannot resume: {difference}; run into a new output, or use --overwrite")
     return tuple(record for record in manifest.read_wells().values() if record.get("status") == "ok")

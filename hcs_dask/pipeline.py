@@ -294,28 +294,39 @@ class Pipeline:
         return any(step.array_type != "numpy" for step in self.steps)
 
     def fingerprint(self) -> str:
-        """A hash of the steps: names, axes, keyword arguments and function source."""
-        digest = hashlib.sha256()
-        digest.update(repr((self.name, self.sequential)).encode())
-        for step in self.steps:
-            digest.update(repr((step.name, step.stack, step.over, step.array_type,
-                                sorted((k, repr(v)) for k, v in step.kwargs.items()))).encode())
-            for channel, function in step.functions().items():
-                digest.update(repr(channel).encode())
-                digest.update(_function_identity(function).encode())
-        return digest.hexdigest()[:16]
+        """A digest of what the pipeline computes (see :mod:`hcs_dask.fingerprint`).
+
+        It covers the name, the sequential axes and every step: its axes and array type,
+        its functions' code and the values they are bound to or close over, the user
+        functions and constants that code uses, and every kwarg (arrays by content).
+        It is the same in every process, whatever ``PYTHONHASHSEED``.
+
+        Raises
+        ------
+        FingerprintError
+            If a value of a step cannot be fingerprinted deterministically; the message
+            names the step and the value, and how to make it fingerprintable.
+        """
+        from hcs_dask.fingerprint import pipeline_fingerprint  # it imports this module
+
+        return pipeline_fingerprint(self)
+
+    def step_fingerprints(self) -> list[tuple[str, str]]:
+        """``[(step name, digest)]`` in order; the parts of :meth:`fingerprint`.
+
+        Raises
+        ------
+        FingerprintError
+            As :meth:`fingerprint`.
+        """
+        from hcs_dask.fingerprint import step_fingerprints
+
+        return step_fingerprints(self)
 
 
 def _pipeline_from_bytes(blob: bytes) -> Pipeline:
     steps, name, sequential = cloudpickle.loads(blob)
     return Pipeline(steps, name=name, sequential=sequential)
-
-
-def _function_identity(function: Callable[..., Any]) -> str:
-    try:
-        return inspect.getsource(function)
-    except (OSError, TypeError):
-        return f"{getattr(function, '__module__', '')}.{_func_name(function)}"
 
 
 def bundled_graphs() -> dict[str, Path]:
