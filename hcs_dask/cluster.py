@@ -46,8 +46,8 @@ EMBEDDED_SCHEDULER_CONFIG = {
 
 #: What the workers of ``connect(cluster="cuda")`` start with, besides the scheduler config.
 #: JAX takes 75 % of the device at its first operation unless told otherwise, which leaves
-#: CuPy and RMM in the same worker too little, and JAX never gives it back: its workers
-#: allocate as they need instead. ``distributed.nanny.environ`` sets it in each worker
+#: CuPy and RMM in the same worker too little, and JAX never gives it back: in these
+#: workers JAX allocates as it needs instead. ``distributed.nanny.environ`` sets it in each worker
 #: process (restarted ones too) before the worker starts, without writing it into this
 #: process's environment (``pre-spawn-environ`` would); a value exported in the shell wins.
 CUDA_WORKER_CONFIG = {

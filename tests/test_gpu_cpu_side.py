@@ -377,6 +377,17 @@ def test_cuda_cluster_without_reinitialisation_configures_no_cleaner(fake_dask_c
         True, "1GB", None)
 
 
+@pytest.mark.parametrize(("arguments", "message"), [
+    pytest.param((None,), "needs the pool size", id="no-pool"),
+    pytest.param(("4 gigs",), "rmm_pool_size='4 gigs' is not a size", id="bad-size"),
+    pytest.param(("1GB", 2.0), "rmm_maximum_pool_size=2.0", id="bad-fraction"),
+    pytest.param(("1GB", None, "yes"), "rmm_managed_memory must be True or False", id="bad-flag"),
+])
+def test_rmm_reinitialize_plugin_validates_its_options(arguments, message):
+    with pytest.raises(ClusterOptionError, match=message):
+        cluster_module.RMMReinitializePlugin(*arguments)
+
+
 def _worker_state() -> dict[str, Any]:
     """On a worker: its process, its cleanup's RMM setting and its JAX preallocation setting."""
     return {"pid": os.getpid(), "cleaners": gpu.registered_cleaners(), "rmm_config": dict(gpu._rmm_config),
