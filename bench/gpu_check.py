@@ -115,16 +115,17 @@ class MemoryRecorder(WorkerPlugin):
             self.records.append((time.time(), str(key[2]), gpu.pool_bytes(), device))
 
 
-def _fake_pool(framework: str, dask_worker: Any) -> None:
+def _fake_pool(framework: str, unknown: bool, dask_worker: Any) -> None:
     """--plumbing-check only: a framework whose pool fills by 64 MB per well and empties on release,
-    registered as a cleaner, so that every figure of the report is computed from something."""
+    registered as a cleaner, so that every figure of the report is computed from something. With
+    ``unknown`` its measure says None, as RMM's asynchronous allocator does."""
     import types
 
     module = types.ModuleType(f"hcs_plumbing_{framework}")
     sys.modules[module.__name__] = module
     state = {"held": 0}
     gpu.register_cleaner(framework, module=module.__name__, release=lambda: state.update(held=0),
-                         measure=lambda: state["held"])
+                         measure=lambda: None if unknown else state["held"])
     dask_worker.plugins[RECORDER].fake = state
 
 
@@ -230,7 +231,7 @@ def run_variant(kind: str, plate_root: Path, warmup_root: Path, work: Path, args
     with cluster_for(kind, args) as (client, startup):
         client.register_plugin(MemoryRecorder(), name=RECORDER)
         if args.plumbing_check and kind != "cpu":
-            client.run(_fake_pool, "rmm" if kind.startswith("rmm") else "cupy")
+            client.run(_fake_pool, "rmm" if kind.startswith("rmm") else "cupy", kind == "rmm-async")
         warm = run_plate(open_plate(warmup_root), pipeline, work / f"{tag}-warmup.ome.zarr", client=client,
                          progress=False)
         warm_records = sorted(r for records in client.run(_records).values() for r in records)
@@ -268,17 +269,26 @@ def slope_per_well(values: list[float]) -> float:
     return float(np.polyfit(np.arange(len(values), dtype=float), np.asarray(values, dtype=float), 1)[0])
 
 
+def _mb(value: int | None) -> float:
+    """Bytes as MB; NaN where the framework could not say (a figure of None)."""
+    return float("nan") if value is None else value / MB
+
+
 def pools_after(run: dict[str, Any]) -> dict[str, list[float]]:
     """Per framework, MB its pool held after each well's cleanup (from the wells' own records)."""
     frameworks = sorted({name for w in run["wells"] for name in (w.memory or {}).get("gpu", {})})
-    return {name: [(w.memory or {}).get("gpu", {}).get(name, {}).get("after", 0) / MB for w in run["wells"]]
+    return {name: [_mb((w.memory or {}).get("gpu", {}).get(name, {}).get("after", 0)) for w in run["wells"]]
             for name in frameworks}
 
 
 def pools_before(run: dict[str, Any]) -> dict[str, list[float]]:
     frameworks = sorted({name for w in run["wells"] for name in (w.memory or {}).get("gpu", {})})
-    return {name: [(w.memory or {}).get("gpu", {}).get(name, {}).get("before", 0) / MB for w in run["wells"]]
+    return {name: [_mb((w.memory or {}).get("gpu", {}).get(name, {}).get("before", 0)) for w in run["wells"]]
             for name in frameworks}
+
+
+def known(values: list[float]) -> list[float]:
+    return [v for v in values if v == v]  # NaN is the one value unequal to itself
 
 
 def recorded(run: dict[str, Any], which: str) -> tuple[list[float], float | None]:
@@ -286,8 +296,8 @@ def recorded(run: dict[str, Any], which: str) -> tuple[list[float], float | None
     warm-up well's value (the baseline)."""
     def value(record: Any) -> float | None:
         _, _, pools, device = record
-        if which == "pool":
-            return sum(pools.values()) / MB
+        if which == "pool":  # the frameworks that can tell (RMM's async allocator cannot)
+            return sum(v for v in pools.values() if v is not None) / MB
         return None if device is None else device / MB
 
     after = [v for v in (value(r) for r in run["records"]) if v is not None]
@@ -522,7 +532,10 @@ def report(runs: dict[str, dict[str, Any]], tests: dict[str, Any] | None, args: 
     baseline = pool_base if pool_base is not None else 0.0
     print(f"   baseline after the warm-up well: pools {baseline:.1f} MB, device in use "
           f"{'n/a' if device_base is None else f'{device_base:.1f} MB'}")
-    names = sorted(after)
+    names = sorted(n for n in after if known(after[n]))
+    unknown = sorted(n for n in after if not known(after[n]))
+    if unknown:
+        print(f"   no figure from {', '.join(unknown)} (the framework cannot say what it holds)")
     header = "".join(f" {name + ' before':>14} {name + ' after':>12}" for name in names)
     print(f"   {'well #':>7} {'well':>5}{header} {'device in use':>14}")
     every = max(1, wells // 12)
@@ -584,8 +597,12 @@ def report(runs: dict[str, dict[str, Any]], tests: dict[str, Any] | None, args: 
         run_after, run_before = pools_after(run), pools_before(run)
         run_device, run_device_base = recorded(run, "device")
         for framework in sorted(run_after):
-            print(f"   {framework}: before cleanup median {statistics.median(run_before[framework]):.1f} MB, "
-                  f"max {max(run_before[framework]):.1f} MB; after cleanup max {max(run_after[framework]):.1f} MB")
+            before_mb, after_mb = known(run_before[framework]), known(run_after[framework])
+            if not before_mb or not after_mb:
+                print(f"   {framework}: pool bytes unknown ({framework} gives no figure for this allocator)")
+                continue
+            print(f"   {framework}: before cleanup median {statistics.median(before_mb):.1f} MB, "
+                  f"max {max(before_mb):.1f} MB; after cleanup max {max(after_mb):.1f} MB")
         print(f"   device in use after each well: max deviation from the warm-up's "
               f"{deviation(run_device, run_device_base):.2f} MB; {run['counts']}")
         for failure in run["failures"]:
@@ -624,10 +641,10 @@ def report(runs: dict[str, dict[str, Any]], tests: dict[str, Any] | None, args: 
                       f"{clean_held:.1f} MB: the memory the cleanup gives back{plumbing}"))
     if "rmm-pool" in runs:
         run = runs["rmm-pool"]
-        rmm_after = pools_after(run).get("rmm", [])
+        rmm_after = known(pools_after(run).get("rmm", []))
         initial = _size_mb(args.rmm_pool_size)
         worst = max(rmm_after) if rmm_after else float("nan")
-        grew = max(pools_before(run).get("rmm", [0.0]))
+        grew = max(known(pools_before(run).get("rmm", [])) or [float("nan")])
         print(verdict(bool(rmm_after) and worst <= initial + POOL_SLACK_MB and set(run["counts"]) == {"ok"},
                       f"RMM pool re-initialised to its {initial:.0f} MB after every well: largest {worst:.1f} MB "
                       f"(it grew to {grew:.1f} MB during a well){plumbing}"))

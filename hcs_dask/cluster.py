@@ -2,7 +2,8 @@
 
 ``connect(cluster="cuda")`` starts a ``dask_cuda.LocalCUDACluster``: one single-threaded
 worker per GPU, each offering ``resources={"GPU": 1}`` (the tasks of GPU pipelines ask for
-it), with the RMM options that matter for a long run of wells. Nothing GPU is imported
+it), with the RMM options that matter for a long run of wells and JAX's preallocation off
+(:data:`CUDA_WORKER_CONFIG`). Nothing GPU is imported
 at package import: :func:`check_cluster` finds out whether dask-cuda, RMM and a CUDA
 device are there without importing any of them (it asks NVML, then ``nvidia-smi``, and
 imports CuPy only when neither answers), so ``--cluster cuda`` on a machine without a
@@ -22,8 +23,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import dask
+from distributed.diagnostics.plugin import WorkerPlugin
 
-__all__ = ["CLUSTER_KINDS", "ClusterError", "ClusterOptionError", "EMBEDDED_SCHEDULER_CONFIG", "available_cores",
+__all__ = ["CLUSTER_KINDS", "CUDA_WORKER_CONFIG", "ClusterError", "ClusterOptionError", "EMBEDDED_SCHEDULER_CONFIG",
+           "RMMReinitializePlugin", "available_cores",
            "check_cluster", "connect", "cuda_device_count"]
 
 #: How the embedded scheduler treats worker deaths. hcs_dask retries a well whose
@@ -45,6 +48,16 @@ EMBEDDED_SCHEDULER_CONFIG = {
     "distributed.scheduler.allowed-failures": 0,
     "distributed.scheduler.worker-saturation": 1.0,
     "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+}
+
+#: What the workers of ``connect(cluster="cuda")`` start with, besides the scheduler config.
+#: JAX takes 75 % of the device at its first operation unless told otherwise, which leaves
+#: CuPy and RMM in the same worker too little, and JAX never gives it back: in these
+#: workers JAX allocates as it needs instead. ``distributed.nanny.environ`` sets it in each worker
+#: process (restarted ones too) before the worker starts, without writing it into this
+#: process's environment (``pre-spawn-environ`` would); a value exported in the shell wins.
+CUDA_WORKER_CONFIG = {
+    "distributed.nanny.environ.XLA_PYTHON_CLIENT_PREALLOCATE": "false",
 }
 
 #: The kinds of embedded cluster.
@@ -389,7 +402,8 @@ def connect(
         memory limit.
     cluster : {"local", "cuda"}
         ``"local"``: ``distributed.LocalCluster(processes=True)``. ``"cuda"``:
-        ``dask_cuda.LocalCUDACluster``, whose workers offer ``resources={"GPU": 1}``.
+        ``dask_cuda.LocalCUDACluster``, whose workers offer ``resources={"GPU": 1}``
+        and start with :data:`CUDA_WORKER_CONFIG` (JAX's preallocation off).
     **cluster_options
         Passed to the cluster class (e.g. ``resources``, ``CUDA_VISIBLE_DEVICES``),
         except these RMM options of ``"cuda"``:
@@ -411,7 +425,8 @@ def connect(
             (and is cleaned through) RMM instead of CuPy's own pool.
         ``rmm_reinitialize_pool``
             With ``rmm_pool_size``: re-initialise the pool after every well, giving
-            back what it grew by (see :func:`hcs_dask.memory.gpu.configure_rmm_cleanup`).
+            back what it grew by, on every worker including restarted ones
+            (:class:`RMMReinitializePlugin`).
 
     Yields
     ------
@@ -489,7 +504,8 @@ def _cuda_client(n_workers: int | None, memory_limit: str | float | None,
         raise ClusterError(f"dask-cuda cannot be imported: {type(error).__name__}: {error} "
                            f"({GPU_INSTALL_HINT})") from error
     _drop_inherited_malloc_trim()
-    with dask.config.set(EMBEDDED_SCHEDULER_CONFIG):
+    # The nannies read both configs when they are made, here, and keep them for restarts.
+    with dask.config.set({**EMBEDDED_SCHEDULER_CONFIG, **CUDA_WORKER_CONFIG}):
         try:
             cuda_cluster = dask_cuda.LocalCUDACluster(
                 n_workers=n_workers,
@@ -512,32 +528,75 @@ def _cuda_client(n_workers: int | None, memory_limit: str | float | None,
     cuda_client = Client(cuda_cluster)
     try:
         if options["rmm_reinitialize_pool"]:
-            # After dask-cuda's own RMM set-up on each worker (it ran before the
-            # worker joined): the cleanup re-creates the pool with the same options.
-            cuda_client.run(_configure_rmm_reinitialize, options["rmm_pool_size"],
-                            options["rmm_maximum_pool_size"], options["rmm_managed_memory"])
+            # The scheduler keeps the plugin and sets it up on every worker that
+            # joins, after dask-cuda's own RMM set-up there: restarted ones too.
+            cuda_client.register_plugin(RMMReinitializePlugin(
+                options["rmm_pool_size"], options["rmm_maximum_pool_size"], options["rmm_managed_memory"]))
         yield cuda_client
     finally:
         cuda_client.close()
         cuda_cluster.close()
 
 
-def _configure_rmm_reinitialize(pool_size: Any, maximum_pool_size: Any, managed_memory: bool) -> dict[str, Any]:
-    """On a worker: make the well's cleanup re-initialise the RMM pool dask-cuda created.
+class RMMReinitializePlugin(WorkerPlugin):
+    """Make every worker's well cleanup re-create the RMM pool that dask-cuda gave it.
 
-    The sizes are parsed as dask-cuda parsed them for this worker's device, so the
-    re-initialised pool is the pool the worker started with. A worker that the
-    nanny restarts gets dask-cuda's pool again, but not this setting.
+    Registered by ``connect(cluster="cuda", rmm_pool_size=..., rmm_reinitialize_pool=True)``.
+    The scheduler keeps it and sets it up on every worker that joins, so a worker that
+    the nanny restarts (after a death or a timeout) re-creates its pool after each well
+    too. ``setup`` parses the sizes as dask-cuda parsed them for the worker's device
+    (``dask_cuda.utils.parse_device_bytes``), so the re-created pool is the pool the
+    worker started with, and hands them to
+    :func:`hcs_dask.memory.gpu.configure_rmm_cleanup`.
+
+    Parameters
+    ----------
+    pool_size : int, float or str
+        ``rmm_pool_size`` as given to the cluster (bytes, a fraction of the device's
+        memory, or a size such as ``"8GB"``).
+    maximum_pool_size : int, float, str or None, default None
+        ``rmm_maximum_pool_size`` as given to the cluster.
+    managed_memory : bool, default False
+        ``rmm_managed_memory`` as given to the cluster.
+
+    Raises
+    ------
+    ClusterOptionError
+        (a ``ValueError``) No pool size, a malformed size, or a flag that is not a bool.
     """
-    from dask_cuda.utils import parse_device_bytes
 
-    from hcs_dask.memory import gpu
+    name = "hcs-dask-rmm-reinitialize"
+    idempotent = True
 
-    options = {
-        "pool_allocator": True,
-        "managed_memory": managed_memory,
-        "initial_pool_size": parse_device_bytes(pool_size, alignment_size=256),
-        "maximum_pool_size": parse_device_bytes(maximum_pool_size, alignment_size=256),
-    }
-    gpu.configure_rmm_cleanup(reinitialize_pool=True, **options)
-    return options
+    def __init__(self, pool_size: Any, maximum_pool_size: Any = None, managed_memory: bool = False) -> None:
+        if pool_size is None:
+            raise ClusterOptionError("RMMReinitializePlugin needs the pool size (rmm_pool_size)")
+        _check_size("rmm_pool_size", pool_size)
+        _check_size("rmm_maximum_pool_size", maximum_pool_size)
+        if not isinstance(managed_memory, bool):
+            raise ClusterOptionError(f"rmm_managed_memory must be True or False, not {managed_memory!r}")
+        self.pool_size = pool_size
+        self.maximum_pool_size = maximum_pool_size
+        self.managed_memory = managed_memory
+
+    def setup(self, worker: Any) -> None:
+        """Configure this worker process's cleanup (again, on a restarted worker)."""
+        from hcs_dask.memory import gpu
+
+        gpu.configure_rmm_cleanup(reinitialize_pool=True, **self.reinitialize_options())
+
+    def teardown(self, worker: Any) -> None:
+        from hcs_dask.memory import gpu
+
+        gpu.configure_rmm_cleanup(reinitialize_pool=False)
+
+    def reinitialize_options(self) -> dict[str, Any]:
+        """The ``rmm.reinitialize`` options for this process's device (needs dask-cuda)."""
+        from dask_cuda.utils import parse_device_bytes
+
+        return {
+            "pool_allocator": True,
+            "managed_memory": self.managed_memory,
+            "initial_pool_size": parse_device_bytes(self.pool_size, alignment_size=256),
+            "maximum_pool_size": parse_device_bytes(self.maximum_pool_size, alignment_size=256),
+        }

@@ -279,8 +279,10 @@ class CleanupPlugin(WorkerPlugin):
         threads that finished), ``tasks_seceded``, ``cleanup_requests``,
         ``cleanups_run``, ``cleanups_skipped_disabled``, ``cleanup_pending``,
         ``backend_bytes_freed``, ``backend_scopes_reset``,
-        ``scopes_skipped_running``, ``gpu_bytes_freed`` (per framework),
-        ``gpu_releases`` (per framework), ``cleanup_seconds`` (total),
+        ``scopes_skipped_running``, ``gpu_bytes_freed`` (per framework, the
+        releases whose bytes are known), ``gpu_releases`` (per framework),
+        ``gpu_releases_unmeasured`` (per framework: releases whose freed bytes
+        are unknown, e.g. RMM's asynchronous allocator), ``cleanup_seconds`` (total),
         ``last_cleanup_seconds``, ``cleaner_errors`` (count),
         ``last_errors`` (most recent messages), ``config``.
         """
@@ -329,6 +331,7 @@ class _Statistics:
         self.scopes_skipped_running = 0
         self.gpu_bytes_freed: dict[str, int] = {}
         self.gpu_releases: dict[str, int] = {}
+        self.gpu_releases_unmeasured: dict[str, int] = {}
         self.cleanup_seconds = 0.0
         self.last_cleanup_seconds = 0.0
         self.cleaner_errors = 0
@@ -352,7 +355,11 @@ class _Statistics:
         self.scopes_skipped_running += skipped_running
         for report in reports:
             name = report.framework
-            self.gpu_bytes_freed[name] = self.gpu_bytes_freed.get(name, 0) + report.freed
+            freed = report.freed
+            if freed is None:  # the framework could not say what it held: count it, add nothing
+                self.gpu_releases_unmeasured[name] = self.gpu_releases_unmeasured.get(name, 0) + 1
+            else:
+                self.gpu_bytes_freed[name] = self.gpu_bytes_freed.get(name, 0) + freed
             self.gpu_releases[name] = self.gpu_releases.get(name, 0) + 1
             if report.error is not None:
                 self.cleaner_errors += 1
@@ -373,6 +380,7 @@ class _Statistics:
             "scopes_skipped_running": self.scopes_skipped_running,
             "gpu_bytes_freed": dict(self.gpu_bytes_freed),
             "gpu_releases": dict(self.gpu_releases),
+            "gpu_releases_unmeasured": dict(self.gpu_releases_unmeasured),
             "cleanup_seconds": self.cleanup_seconds,
             "last_cleanup_seconds": self.last_cleanup_seconds,
             "cleaner_errors": self.cleaner_errors,

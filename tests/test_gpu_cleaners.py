@@ -126,14 +126,27 @@ def test_freed_is_never_negative():
     assert CleanerReport("x", bytes_before=10, bytes_after=50, seconds=0.0, error=None).freed == 0
 
 
-def test_cleaner_without_measure_reports_zero_bytes(monkeypatch):
+@pytest.mark.parametrize(("before", "after"), [(None, 0), (10, None), (None, None)])
+def test_freed_is_unknown_when_a_figure_is(before, after):
+    assert CleanerReport("x", bytes_before=before, bytes_after=after, seconds=0.0).freed is None
+
+
+def test_cleaner_without_measure_reports_unknown_bytes(monkeypatch):
     calls: list[str] = []
     module = _install(monkeypatch)
     gpu.register_cleaner("nomeasure", module=module, release=lambda: calls.append("nomeasure"))
     [report] = [r for r in gpu.release_gpu_pools() if r.framework == "nomeasure"]
-    assert (report.bytes_before, report.bytes_after, report.error) == (0, 0, None)
+    assert (report.bytes_before, report.bytes_after, report.freed, report.error) == (None, None, None, None)
     assert calls == ["nomeasure"]
     assert "nomeasure" not in gpu.pool_bytes()
+
+
+def test_a_measure_may_say_it_cannot_tell(monkeypatch):
+    module = _install(monkeypatch)
+    gpu.register_cleaner("shy", module=module, release=lambda: None, measure=lambda: None)
+    [report] = [r for r in gpu.release_gpu_pools() if r.framework == "shy"]
+    assert (report.bytes_before, report.bytes_after, report.error) == (None, None, None)
+    assert gpu.pool_bytes()["shy"] is None
 
 
 def test_raising_cleaner_is_recorded_and_the_others_still_run(monkeypatch):
@@ -159,8 +172,9 @@ def test_raising_cleaner_is_recorded_and_the_others_still_run(monkeypatch):
     assert reports["broken"].error == "ValueError: pool is on fire"
     assert reports["broken"].bytes_before == 3
     assert reports["unmeasurable"].error == "measure: RuntimeError: cannot count"
+    assert (reports["unmeasurable"].bytes_before, reports["unmeasurable"].freed) == (None, None)
     assert reports["healthy"].error is None and reports["healthy"].freed == 7
-    assert gpu.pool_bytes()["unmeasurable"] == 0  # a failing measure counts 0, never raises
+    assert gpu.pool_bytes()["unmeasurable"] is None  # a failing measure is unknown, never raises
 
 
 def test_order_decides_who_runs_first(monkeypatch):
@@ -252,9 +266,11 @@ def test_configure_rmm_cleanup_validates_and_registers_an_exclusive_cleaner():
     with pytest.raises(ValueError, match="without reinitialize_pool"):
         gpu.configure_rmm_cleanup(pool_allocator=True)
     gpu.configure_rmm_cleanup(reinitialize_pool=True, pool_allocator=True)
-    assert gpu.registered_cleaners()[:3] == ["rmm", "rmm-reinitialize", "cupy"]
+    # Last, after every framework (a user's cleaner of a late order too) gave back its blocks.
+    gpu.register_cleaner("late", module="late", release=lambda: None, order=10**9)
+    assert gpu.registered_cleaners() == [*BUILTINS, "late", "rmm-reinitialize"]
     gpu.configure_rmm_cleanup(reinitialize_pool=False)
-    assert gpu.registered_cleaners() == BUILTINS
+    assert gpu.registered_cleaners() == [*BUILTINS, "late"]
 
 
 # --- the built-in cleaners, against fake frameworks -------------------------
@@ -329,7 +345,84 @@ def test_builtin_cupy_on_an_unused_device_creates_no_context(monkeypatch):
     assert "cupy.synchronize" not in log  # cudaDeviceSynchronize would create a context
 
 
-def test_builtin_rmm_async_resource_syncs_and_runs_before_cupy(monkeypatch):
+def _fake_rmm(resources: dict[int, Any], log: list[str], **attributes: Any) -> types.ModuleType:
+    """An RMM holding ``resources`` per device, as rmm.mr keeps them.
+
+    ``is_initialized()`` says True whatever it holds, as RMM's does; the current-device
+    functions fail the test: they ask the CUDA runtime (and make a default resource).
+    """
+    rmm = types.ModuleType("rmm")
+
+    def get_per_device_resource(device: int) -> Any:
+        log.append(f"rmm.get_per_device_resource({device})")
+        return resources[device]
+
+    rmm.mr = types.SimpleNamespace(  # type: ignore[attr-defined]
+        get_log_filenames=lambda: {device: None for device in resources},
+        get_per_device_resource=get_per_device_resource,
+        get_current_device_resource=lambda: pytest.fail("asked RMM for the current device's resource"),
+        is_initialized=lambda: True,
+    )
+    rmm.is_initialized = lambda: True  # type: ignore[attr-defined]
+    for name, value in attributes.items():
+        setattr(rmm, name, value)
+    return rmm
+
+
+def _fake_runtime(log: list[str], **attributes: Any) -> types.ModuleType:
+    runtime = types.ModuleType("cuda.bindings.runtime")
+
+    def synchronize() -> tuple[int]:
+        log.append("cudaDeviceSynchronize")
+        return (0,)
+
+    runtime.cudaDeviceSynchronize = synchronize  # type: ignore[attr-defined]
+    for name, value in attributes.items():
+        setattr(runtime, name, value)
+    return runtime
+
+
+def _resource(name: str, upstream: Any = None, **methods: Any) -> Any:
+    """An instance of a class called ``name`` (the cleaner reads RMM's class names)."""
+    namespace = {key: staticmethod(value) for key, value in methods.items()}
+    namespace["get_upstream"] = lambda self: upstream
+    return type(name, (), namespace)()
+
+
+def _no_rmm_method(*args: Any) -> Any:
+    pytest.fail("the cleaner called into an RMM resource")
+
+
+def test_builtin_rmm_never_initialised_is_never_asked_anything(monkeypatch):
+    _skip_if_loaded("rmm", "cuda.bindings.runtime", "cuda.cudart", "cupy")
+    log: list[str] = []
+    reinitialize = lambda **kwargs: log.append("reinitialize")  # noqa: E731
+    monkeypatch.setitem(sys.modules, "rmm", _fake_rmm({}, log, reinitialize=reinitialize))
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", _fake_runtime(log))
+    gpu.configure_rmm_cleanup(reinitialize_pool=True, pool_allocator=True, initial_pool_size=1 << 20)
+
+    reports = gpu.release_gpu_pools(exclusive=True)
+
+    assert sys.modules["rmm"].is_initialized()  # what RMM says: useless as a gate
+    assert [(r.framework, r.bytes_before, r.bytes_after, r.error) for r in reports] == [
+        ("rmm", 0, 0, None), ("rmm", 0, 0, None)]
+    assert log == []  # no resource looked up, no device sync, no re-initialisation
+    assert gpu.pool_bytes() == {"rmm": 0}
+
+
+def test_builtin_rmm_resource_without_a_pool_holds_zero_and_is_not_synchronised(monkeypatch):
+    _skip_if_loaded("rmm", "cuda.bindings.runtime", "cuda.cudart", "cupy")
+    log: list[str] = []
+    # What distributed's RMM metric leaves behind on a GPU worker: RMM's default resource.
+    plain = _resource("StatisticsResourceAdaptor", _resource("CudaMemoryResource"), allocate=_no_rmm_method)
+    monkeypatch.setitem(sys.modules, "rmm", _fake_rmm({0: plain}, log))
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", _fake_runtime(log))
+    [report] = gpu.release_gpu_pools(exclusive=True)
+    assert (report.bytes_before, report.bytes_after, report.error) == (0, 0, None)
+    assert log == ["rmm.get_per_device_resource(0)"] * 3  # measure, release, measure; no sync
+
+
+def test_builtin_rmm_async_resource_syncs_reports_unknown_bytes_and_runs_before_cupy(monkeypatch):
     _skip_if_loaded("cupy", "rmm", "cuda.bindings.runtime", "cuda.cudart")
     log: list[str] = []
 
@@ -337,63 +430,81 @@ def test_builtin_rmm_async_resource_syncs_and_runs_before_cupy(monkeypatch):
         raise AssertionError
 
     rmm_cupy_allocator.__module__ = "rmm.allocators.cupy"
-
-    class Statistics:
-        allocation_counts = {"current_bytes": 5000}
-
-        def get_upstream(self) -> Any:
-            return CudaAsyncMemoryResource()
-
-    class CudaAsyncMemoryResource:
-        pass
-
-    rmm = types.ModuleType("rmm")
-    rmm.mr = types.SimpleNamespace(get_current_device_resource=Statistics)  # type: ignore[attr-defined]
-    runtime = types.ModuleType("cuda.bindings.runtime")
-
-    def synchronize() -> tuple[int]:
-        log.append("rmm.cudaDeviceSynchronize")
-        return (0,)
-
-    runtime.cudaDeviceSynchronize = synchronize  # type: ignore[attr-defined]
+    # dask-cuda's rmm_async with a maximum: a limit over a CudaAsyncMemoryResource, whose pool
+    # handle RMM does not give to Python. Its statistics count what is in use, not what the
+    # pool holds: the pool's bytes are unknown, not the 5000 in use and not 0.
+    async_resource = _resource("CudaAsyncMemoryResource")
+    statistics = _resource("StatisticsResourceAdaptor", _resource("LimitingResourceAdaptor", async_resource))
+    statistics.allocation_counts = {"current_bytes": 5000}
     monkeypatch.setattr(gpu, "_cupy_has_device_cached", None)
-    monkeypatch.setitem(sys.modules, "rmm", rmm)
-    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", runtime)
+    monkeypatch.setitem(sys.modules, "rmm", _fake_rmm({0: statistics}, []))
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", _fake_runtime(log))
     monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(log, pool_bytes=0, allocator=rmm_cupy_allocator))
 
     reports = gpu.release_gpu_pools()
 
     assert [r.framework for r in reports] == ["rmm", "cupy"]
     assert all(r.error is None for r in reports), reports
-    assert reports[0].bytes_before == 5000  # StatisticsResourceAdaptor's current bytes
+    assert (reports[0].bytes_before, reports[0].bytes_after, reports[0].freed) == (None, None, None)
+    assert gpu.pool_bytes()["rmm"] is None
     # RMM syncs first; CuPy, backed by RMM, syncs although its own pool is empty.
-    assert log[:2] == ["rmm.cudaDeviceSynchronize", "cupy.synchronize"]
+    assert log[:2] == ["cudaDeviceSynchronize", "cupy.synchronize"]
+
+
+def test_builtin_rmm_async_view_reports_the_pools_reserved_bytes(monkeypatch):
+    _skip_if_loaded("cupy", "rmm", "cuda.bindings.runtime", "cuda.cudart")
+    log: list[str] = []
+    reserved = {0xBEEF: 3 << 20}
+
+    class cudaMemPool_t(int):  # noqa: N801 - cuda-python's name
+        pass
+
+    def get_attribute(pool: Any, attribute: str) -> tuple[int, int]:
+        assert isinstance(pool, cudaMemPool_t)
+        log.append(f"cudaMemPoolGetAttribute({attribute})")
+        return 0, reserved[int(pool)]
+
+    runtime = _fake_runtime(log, cudaMemPool_t=cudaMemPool_t, cudaMemPoolGetAttribute=get_attribute,
+                            cudaMemPoolAttr=types.SimpleNamespace(
+                                cudaMemPoolAttrReservedMemCurrent="ReservedMemCurrent"))
+    view = _resource("CudaAsyncViewMemoryResource", pool_handle=lambda: 0xBEEF)
+    monkeypatch.setitem(sys.modules, "rmm", _fake_rmm({0: view}, []))
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", runtime)
+
+    def release_at_sync() -> tuple[int]:
+        log.append("cudaDeviceSynchronize")
+        reserved[0xBEEF] = 1 << 20  # the release threshold kept 1 MiB
+        return (0,)
+
+    runtime.cudaDeviceSynchronize = release_at_sync  # type: ignore[attr-defined]
+
+    [report] = gpu.release_gpu_pools()
+
+    assert (report.bytes_before, report.bytes_after, report.freed, report.error) == (3 << 20, 1 << 20, 2 << 20, None)
+    assert log == ["cudaMemPoolGetAttribute(ReservedMemCurrent)", "cudaDeviceSynchronize",
+                   "cudaMemPoolGetAttribute(ReservedMemCurrent)"]
+
+
+def test_builtin_rmm_pool_without_a_figure_is_unknown(monkeypatch):
+    _skip_if_loaded("rmm")
+    arena = _resource("ArenaMemoryResource", _resource("CudaMemoryResource"))
+    monkeypatch.setitem(sys.modules, "rmm", _fake_rmm({0: arena}, []))
+    [report] = gpu.release_gpu_pools()
+    assert (report.bytes_before, report.bytes_after, report.error) == (None, None, None)
 
 
 def test_builtin_rmm_reinitializes_a_pool_only_when_configured_and_exclusive(monkeypatch):
     _skip_if_loaded("rmm", "cuda.bindings.runtime", "cuda.cudart")
     log: list[str] = []
-
-    class PoolMemoryResource:
-        size = 1 << 30
-
-        def pool_size(self) -> int:
-            return PoolMemoryResource.size
-
-        def get_upstream(self) -> None:
-            return None
+    state = {"size": 1 << 30}
+    pool = _resource("PoolMemoryResource", _resource("CudaMemoryResource"), pool_size=lambda: state["size"])
 
     def reinitialize(**kwargs: Any) -> None:
         log.append(f"reinitialize {sorted(kwargs.items())}")
-        PoolMemoryResource.size = 1 << 20
+        state["size"] = 1 << 20
 
-    rmm = types.ModuleType("rmm")
-    rmm.mr = types.SimpleNamespace(get_current_device_resource=PoolMemoryResource)  # type: ignore[attr-defined]
-    rmm.reinitialize = reinitialize  # type: ignore[attr-defined]
-    runtime = types.ModuleType("cuda.bindings.runtime")
-    runtime.cudaDeviceSynchronize = lambda: (0,)  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "rmm", rmm)
-    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", runtime)
+    monkeypatch.setitem(sys.modules, "rmm", _fake_rmm({0: pool}, [], reinitialize=reinitialize))
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", _fake_runtime([]))
 
     [report] = gpu.release_gpu_pools(exclusive=True)
     assert (report.framework, report.bytes_before, report.freed) == ("rmm", 1 << 30, 0)
@@ -409,6 +520,35 @@ def test_builtin_rmm_reinitializes_a_pool_only_when_configured_and_exclusive(mon
     assert reinitialized.framework == "rmm" and reinitialized.error is None
     assert (reinitialized.bytes_before, reinitialized.bytes_after) == (1 << 30, 1 << 20)
     assert gpu.pool_bytes() == {"rmm": 1 << 20}
+
+
+def test_builtin_rmm_reinitializes_only_after_cupy_gave_back_its_blocks(monkeypatch):
+    _skip_if_loaded("cupy", "rmm", "cuda.bindings.runtime", "cuda.cudart")
+    log: list[str] = []
+
+    def rmm_cupy_allocator(nbytes: int) -> None:  # pragma: no cover - never allocates
+        raise AssertionError
+
+    rmm_cupy_allocator.__module__ = "rmm.allocators.cupy"
+    pool = _resource("PoolMemoryResource", _resource("CudaMemoryResource"), pool_size=lambda: 1 << 30)
+    monkeypatch.setattr(gpu, "_cupy_has_device_cached", None)
+    monkeypatch.setitem(sys.modules, "rmm", _fake_rmm({0: pool}, [],
+                                                      reinitialize=lambda **kwargs: log.append("rmm.reinitialize")))
+    monkeypatch.setitem(sys.modules, "cuda.bindings.runtime", _fake_runtime(log))
+    monkeypatch.setitem(sys.modules, "cupy", _fake_cupy(log, pool_bytes=0, allocator=rmm_cupy_allocator))
+    # CuPy's FFT plans hold work areas allocated from RMM's pool.
+    plan_cache = types.SimpleNamespace(clear=lambda: log.append("cupy.fft.plan_cache.clear"))
+    fft_config = types.ModuleType("cupy.fft.config")
+    fft_config.get_plan_cache = lambda: plan_cache  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "cupy.fft.config", fft_config)
+    gpu.configure_rmm_cleanup(reinitialize_pool=True, pool_allocator=True, initial_pool_size=1 << 20)
+
+    reports = gpu.release_gpu_pools(exclusive=True)
+
+    assert [r.framework for r in reports] == ["rmm", "cupy", "rmm"]
+    assert all(r.error is None for r in reports), reports
+    assert log == ["cupy.synchronize", "cupy.free_all_blocks", "cupy.pinned.free_all_blocks",
+                   "cupy.fft.plan_cache.clear", "cudaDeviceSynchronize", "rmm.reinitialize"]
 
 
 def test_builtin_torch_releases_only_an_initialized_cuda(monkeypatch):
@@ -439,18 +579,54 @@ def test_builtin_torch_releases_only_an_initialized_cuda(monkeypatch):
     assert (report.bytes_before, report.bytes_after, report.error) == (2048, 0, None)
 
 
-def test_builtin_jax_clears_caches_and_measures_zero_before_backends_exist(monkeypatch):
-    _skip_if_loaded("jax")
-    log: list[str] = []
+def _fake_jax(monkeypatch, *, initialized: bool, devices: list[Any]) -> None:
     jax = types.ModuleType("jax")
-    jax.clear_caches = lambda: log.append("clear_caches")  # type: ignore[attr-defined]
-    # Asking for devices would initialise the backends (and preallocate GPU memory).
-    jax.local_devices = lambda: pytest.fail("backends initialised")  # type: ignore[attr-defined]
+    # clear_caches frees no device memory and makes every jitted function compile again.
+    jax.clear_caches = lambda: pytest.fail("jax.clear_caches() called")  # type: ignore[attr-defined]
+    # Asking for devices before JAX did would initialise the backends (and preallocate).
+    jax.local_devices = (lambda: devices) if initialized else (  # type: ignore[attr-defined]
+        lambda: pytest.fail("backends initialised"))
+    bridge = types.ModuleType("jax._src.xla_bridge")
+    bridge.backends_are_initialized = lambda: initialized  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "jax", jax)
+    monkeypatch.setitem(sys.modules, "jax._src.xla_bridge", bridge)
 
+
+def _jax_device(platform: str, stats: dict[str, int] | None) -> Any:
+    return types.SimpleNamespace(platform=platform, memory_stats=lambda: stats)
+
+
+def test_builtin_jax_never_clears_caches_and_holds_nothing_before_its_backends_start(monkeypatch):
+    _skip_if_loaded("jax")
+    _fake_jax(monkeypatch, initialized=False, devices=[])
+    [report] = gpu.release_gpu_pools(exclusive=True)
+    assert (report.framework, report.bytes_before, report.bytes_after, report.error) == ("jax", 0, 0, None)
+
+
+def test_builtin_jax_reports_its_bfc_pool_and_releases_nothing(monkeypatch):
+    _skip_if_loaded("jax")
+    stats = {"bytes_in_use": 1 << 20, "pool_bytes": 64 << 20, "bytes_limit": 60 << 30}
+    _fake_jax(monkeypatch, initialized=True, devices=[_jax_device("cpu", None), _jax_device("gpu", stats)])
+    [report] = gpu.release_gpu_pools(exclusive=True)
+    # The BFC pool keeps what it took: reported as it is, before and after.
+    assert (report.bytes_before, report.bytes_after, report.freed, report.error) == (64 << 20, 64 << 20, 0, None)
+    assert gpu.pool_bytes() == {"jax": 64 << 20}
+
+
+@pytest.mark.parametrize(("allocator", "stats", "expected"), [
+    pytest.param("platform", {"bytes_in_use": 3 << 20}, 3 << 20, id="platform-allocator-holds-what-is-in-use"),
+    pytest.param(None, {"bytes_in_use": 3 << 20}, None, id="in-use-is-not-what-a-pool-holds"),
+    pytest.param(None, None, None, id="no-statistics"),
+])
+def test_builtin_jax_without_a_pool_figure(monkeypatch, allocator, stats, expected):
+    _skip_if_loaded("jax")
+    if allocator is None:
+        monkeypatch.delenv("XLA_PYTHON_CLIENT_ALLOCATOR", raising=False)
+    else:
+        monkeypatch.setenv("XLA_PYTHON_CLIENT_ALLOCATOR", allocator)
+    _fake_jax(monkeypatch, initialized=True, devices=[_jax_device("gpu", stats)])
     [report] = gpu.release_gpu_pools()
-    assert log == ["clear_caches"]
-    assert (report.bytes_before, report.error) == (0, None)
+    assert (report.bytes_before, report.bytes_after, report.error) == (expected, expected, None)
 
 
 def test_builtin_tensorflow_is_exclusive_and_never_imports_keras(monkeypatch):
@@ -470,3 +646,18 @@ def test_builtin_tensorflow_is_exclusive_and_never_imports_keras(monkeypatch):
     monkeypatch.setitem(sys.modules, "keras", keras)
     gpu.release_gpu_pools(exclusive=True)
     assert log == ["clear_session"]
+
+
+def test_plugin_statistics_count_releases_of_unknown_bytes_apart():
+    from hcs_dask.plugin import _Statistics
+
+    statistics = _Statistics(max_error_messages=5)
+    reports = [CleanerReport("rmm", None, None, 0.0), CleanerReport("cupy", 10, 4, 0.0),
+               CleanerReport("rmm", 8, 2, 0.0)]
+    statistics.add_run(seconds=0.0, backend_freed=0, scopes_reset=0, skipped_running=0, reports=reports,
+                       failure=None)
+    figures = statistics.as_dict()
+    assert figures["gpu_bytes_freed"] == {"cupy": 6, "rmm": 6}  # only what is known, never a made-up 0
+    assert figures["gpu_releases"] == {"rmm": 2, "cupy": 1}
+    assert figures["gpu_releases_unmeasured"] == {"rmm": 1}
+    assert figures["cleaner_errors"] == 0

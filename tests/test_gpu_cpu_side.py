@@ -10,9 +10,12 @@ in ``test_gpu_cleaners.py``.
 from __future__ import annotations
 
 import importlib.machinery
+import os
 import shutil
+import time
 import sys
 import types
+from pathlib import Path
 from typing import Any
 
 import dask
@@ -26,6 +29,7 @@ from hcs_dask import Pipeline, Step, load_pipeline, open_plate, run_plate
 from hcs_dask import cluster as cluster_module
 from hcs_dask.cli import main
 from hcs_dask.cluster import (
+    CUDA_WORKER_CONFIG,
     EMBEDDED_SCHEDULER_CONFIG,
     ClusterError,
     ClusterOptionError,
@@ -38,6 +42,8 @@ from hcs_dask.memory.convert import ConversionCounter, array_type_of, to_array_t
 from hcs_dask.steps import max_projection
 
 MB = 1 << 20
+# Stand-ins for RMM and dask_cuda.utils in a worker process (a preload: restarted workers get it too).
+FAKE_GPU_WORKER = str(Path(__file__).with_name("fake_gpu_worker.py"))
 
 
 def _real_cuda_machine() -> bool:
@@ -286,14 +292,15 @@ def test_rmm_options_belong_to_the_cuda_cluster_only(client):
         assert same is client
 
 
-@pytest.fixture
-def fake_dask_cuda(monkeypatch):
-    """dask_cuda whose LocalCUDACluster records its arguments and starts an in-process LocalCluster.
+def _install_fake_dask_cuda(monkeypatch, *, processes: bool) -> list[dict[str, Any]]:
+    """dask_cuda whose LocalCUDACluster records its arguments and starts a LocalCluster instead.
 
-    In-process workers share this process's ``sys.modules`` (the stand-in
-    ``dask_cuda.utils`` included) and its cleaner registry, which the test reads.
+    In-process workers (``processes=False``) share this process's ``sys.modules`` (the
+    stand-in ``dask_cuda.utils`` included) and its cleaner registry, which the test reads.
+    Worker processes get their stand-ins from the preload ``tests/fake_gpu_worker.py``.
     """
     calls: list[dict[str, Any]] = []
+    recorded = {**EMBEDDED_SCHEDULER_CONFIG, **CUDA_WORKER_CONFIG}
 
     class LocalCUDACluster(LocalCluster):
         def __init__(self, *, n_workers=None, threads_per_worker=1, memory_limit="auto", resources=None,
@@ -303,9 +310,9 @@ def fake_dask_cuda(monkeypatch):
             calls.append({
                 "n_workers": n_workers, "threads_per_worker": threads_per_worker, "memory_limit": memory_limit,
                 "resources": resources, **rmm, **kwargs,
-                "config": {name: dask.config.get(name) for name in EMBEDDED_SCHEDULER_CONFIG},
+                "config": {name: dask.config.get(name) for name in recorded},
             })
-            super().__init__(n_workers=n_workers or 1, threads_per_worker=threads_per_worker, processes=False,
+            super().__init__(n_workers=n_workers or 1, threads_per_worker=threads_per_worker, processes=processes,
                              memory_limit=memory_limit, resources=resources, **kwargs)
 
     def parse_device_bytes(value, device_index=0, alignment_size=1):
@@ -320,9 +327,23 @@ def fake_dask_cuda(monkeypatch):
                                                                       parse_device_bytes=parse_device_bytes))
     monkeypatch.setattr(cluster_module, "_installed", lambda name: True)
     monkeypatch.setattr(cluster_module, "cuda_device_count", lambda: (1, "test"))
+    return calls
+
+
+@pytest.fixture
+def fake_dask_cuda(monkeypatch):
+    """The stand-in dask_cuda with in-process workers."""
+    calls = _install_fake_dask_cuda(monkeypatch, processes=False)
     gpu.reset_cleaner_registry()
     yield calls
     gpu.reset_cleaner_registry()
+
+
+@pytest.fixture
+def fake_dask_cuda_processes(monkeypatch):
+    """The stand-in dask_cuda with worker processes under nannies, as dask-cuda starts them."""
+    monkeypatch.delenv("XLA_PYTHON_CLIENT_PREALLOCATE", raising=False)
+    return _install_fake_dask_cuda(monkeypatch, processes=True)
 
 
 def test_cuda_cluster_gets_gpu_resources_one_thread_and_the_rmm_options(fake_dask_cuda):
@@ -335,13 +356,15 @@ def test_cuda_cluster_gets_gpu_resources_one_thread_and_the_rmm_options(fake_das
         assert "rmm-reinitialize" in gpu.registered_cleaners()
         assert gpu._rmm_config == {"pool_allocator": True, "managed_memory": False,
                                    "initial_pool_size": 64 * MB, "maximum_pool_size": 1000 * 10**6 // 256 * 256}
+        # Last: after CuPy's pools and FFT plans gave back what they held from the old pool.
+        assert gpu.registered_cleaners()[-1] == "rmm-reinitialize"
     [call] = fake_dask_cuda
     assert call == {
         "n_workers": None, "threads_per_worker": 1, "memory_limit": "auto", "resources": {"GPU": 1},
         "rmm_pool_size": "64MiB", "rmm_maximum_pool_size": "1000MB", "rmm_async": False,
         "rmm_release_threshold": None, "rmm_managed_memory": False, "rmm_allocator_external_lib_list": ["cupy"],
         "scheduler_port": 0, "dashboard_address": ":0", "silence_logs": call["silence_logs"],
-        "pre_import": ["cupy"], "config": EMBEDDED_SCHEDULER_CONFIG,
+        "pre_import": ["cupy"], "config": {**EMBEDDED_SCHEDULER_CONFIG, **CUDA_WORKER_CONFIG},
     }
 
 
@@ -352,6 +375,71 @@ def test_cuda_cluster_without_reinitialisation_configures_no_cleaner(fake_dask_c
     assert call["resources"] == {"GPU": 1, "MEM": 1}
     assert (call["rmm_async"], call["rmm_release_threshold"], call["rmm_allocator_external_lib_list"]) == (
         True, "1GB", None)
+
+
+@pytest.mark.parametrize(("arguments", "message"), [
+    pytest.param((None,), "needs the pool size", id="no-pool"),
+    pytest.param(("4 gigs",), "rmm_pool_size='4 gigs' is not a size", id="bad-size"),
+    pytest.param(("1GB", 2.0), "rmm_maximum_pool_size=2.0", id="bad-fraction"),
+    pytest.param(("1GB", None, "yes"), "rmm_managed_memory must be True or False", id="bad-flag"),
+])
+def test_rmm_reinitialize_plugin_validates_its_options(arguments, message):
+    with pytest.raises(ClusterOptionError, match=message):
+        cluster_module.RMMReinitializePlugin(*arguments)
+
+
+def _worker_state() -> dict[str, Any]:
+    """On a worker: its process, its cleanup's RMM setting and its JAX preallocation setting."""
+    return {"pid": os.getpid(), "cleaners": gpu.registered_cleaners(), "rmm_config": dict(gpu._rmm_config),
+            "XLA_PYTHON_CLIENT_PREALLOCATE": os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE")}
+
+
+def _one_worker_state(client: Any, configured: bool) -> dict[str, Any]:
+    """The state of the one worker, once the scheduler's plugins are set up on it."""
+    deadline = time.monotonic() + 30
+    while True:
+        [state] = client.run(_worker_state).values()
+        if not configured or "rmm-reinitialize" in state["cleaners"] or time.monotonic() > deadline:
+            return state
+        time.sleep(0.1)
+
+
+def _exclusive_cleanup() -> dict[str, Any]:
+    """On a worker, as the well's guard on a single-threaded worker cleans: what ran, what RMM was asked."""
+    reports = gpu.release_gpu_pools(exclusive=True)
+    return {"reports": [(r.framework, r.bytes_before, r.bytes_after, r.error) for r in reports],
+            "reinitialize_calls": sys.modules["rmm"].reinitialize_calls}
+
+
+@pytest.mark.timeout(240)
+def test_restarted_cuda_workers_keep_the_rmm_reinitialisation_and_jax_setting(fake_dask_cuda_processes):
+    with connect(cluster="cuda", n_workers=1, rmm_pool_size="64MiB", rmm_reinitialize_pool=True,
+                 preload=[FAKE_GPU_WORKER]) as cuda_client:
+        first = _one_worker_state(cuda_client, configured=True)
+        cuda_client.restart()
+        restarted = _one_worker_state(cuda_client, configured=True)
+        cleanup = cuda_client.submit(_exclusive_cleanup, pure=False).result()
+    assert first["pid"] != restarted["pid"]  # a new worker process
+    options = {"pool_allocator": True, "managed_memory": False, "initial_pool_size": 64 * MB,
+               "maximum_pool_size": None}
+    for state in (first, restarted):
+        assert state["cleaners"][-1] == "rmm-reinitialize", state
+        assert state["rmm_config"] == options
+        assert state["XLA_PYTHON_CLIENT_PREALLOCATE"] == "false"
+    # The restarted worker's cleanup re-created its pool: after CuPy (not loaded here), last.
+    assert cleanup == {"reports": [("rmm", 64 * MB, 64 * MB, None), ("rmm", 64 * MB, 64 * MB, None)],
+                       "reinitialize_calls": [options]}
+    # distributed.nanny.environ, not pre-spawn-environ: this process's environment is untouched.
+    assert "XLA_PYTHON_CLIENT_PREALLOCATE" not in os.environ
+
+
+@pytest.mark.timeout(240)
+def test_a_jax_preallocation_exported_in_the_shell_wins(fake_dask_cuda_processes, monkeypatch):
+    monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", "true")
+    with connect(cluster="cuda", n_workers=1) as cuda_client:
+        state = _one_worker_state(cuda_client, configured=False)
+    assert state["XLA_PYTHON_CLIENT_PREALLOCATE"] == "true"
+    assert "rmm-reinitialize" not in state["cleaners"]
 
 
 def test_a_cuda_cluster_that_fails_to_start_is_a_cluster_error(fake_dask_cuda, monkeypatch):

@@ -28,7 +28,7 @@ FAKE_MODULE = "hcs_fake_gpu_framework_for_plugin_tests"
 STATISTICS_KEYS = {
     "registered", "worker", "tasks_seen", "tasks_seceded", "cleanup_requests", "cleanups_run",
     "cleanups_skipped_disabled", "cleanup_pending", "backend_bytes_freed", "backend_scopes_reset",
-    "scopes_skipped_running", "gpu_bytes_freed", "gpu_releases", "cleanup_seconds",
+    "scopes_skipped_running", "gpu_bytes_freed", "gpu_releases", "gpu_releases_unmeasured", "cleanup_seconds",
     "last_cleanup_seconds", "cleaner_errors", "last_errors", "config",
 }
 

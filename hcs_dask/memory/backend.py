@@ -6,10 +6,12 @@ scope, so two threads of one worker, each resetting its own scope, never lose
 each other's data. :func:`reset_memory_backend` frees everything and is meant
 for an idle worker only.
 
-The registry of scopes is the one piece of module-level state in the package
-(besides the GPU cleaner registry); it is guarded by a lock because scopes are
-opened and reset from task threads while the worker plugin inspects them from
-the event-loop thread.
+This module's state is the registry of scopes and the marks of the scopes whose
+task is running, guarded by one lock because scopes are opened and reset from
+task threads while the worker plugin inspects them from its own thread.
+:func:`reset_memory_backend` empties both. It is not the package's only
+module-level state: :mod:`hcs_dask.memory.gpu` keeps the GPU cleaner registry
+(reset by ``reset_cleaner_registry``), and other modules keep caches of their own.
 """
 
 from __future__ import annotations

@@ -2,9 +2,12 @@
 
 A well leaves GPU memory behind in the *pools* of the frameworks it used: CuPy
 keeps freed blocks for reuse, RMM keeps its pool, PyTorch its caching
-allocator, JAX its compilation caches. :func:`release_gpu_pools` hands that
-memory back after every well (the cleanup contract, points 1 and 5) and
-measures what each framework held before and after (point 8).
+allocator, JAX its BFC pool. :func:`release_gpu_pools` hands back what each
+framework can hand back and measures what each one held before and after. It is
+the GPU half of the cleanup contract (docs/ARCHITECTURE.md, "The cleanup
+contract"): the cleanup in the well's own thread after every well, the worker
+plugin's safety net, and the per-well pool figures. A framework that cannot say
+what it holds is reported as ``None`` (unknown), never as 0.
 
 Each cleaner is tied to a module name and runs only when that module is
 already in :data:`sys.modules`. Cleanup never imports a framework: importing
@@ -13,8 +16,12 @@ megabytes, which is exactly the kind of memory this module exists to give back.
 With nothing loaded, :func:`release_gpu_pools` is a loop over a small tuple of
 dictionary look-ups (well under a microsecond per cleaner).
 
-The registry is, with the memory backend's scopes, the only module-level state
-of the package; :func:`reset_cleaner_registry` restores it.
+This module's state: the cleaner registry, the :func:`configure_rmm_cleanup`
+options, the measurement switch (see :func:`cleanup_enabled`) and a per-process
+note of whether CuPy sees a device. :func:`reset_cleaner_registry` restores all
+four. It is not the package's only module-level state: the memory backend keeps
+its scopes (:mod:`hcs_dask.memory.backend`, reset by ``reset_memory_backend``),
+and other modules keep caches of their own.
 
 Examples
 --------
@@ -31,6 +38,7 @@ True
 
 from __future__ import annotations
 
+import os
 import sys
 import threading
 import time
@@ -59,9 +67,11 @@ class CleanerReport:
     ----------
     framework : str
         The cleaner's registered name (``"cupy"``, ``"rmm"``, ...).
-    bytes_before, bytes_after : int
+    bytes_before, bytes_after : int or None
         Bytes held by the framework's pools, measured just before and just after
-        the release (0 where the cleaner has no measure, or the measure failed).
+        the release. None where the figure is unknown: the cleaner has no
+        measure, the measure failed (see ``error``), or the framework cannot
+        tell (RMM's asynchronous allocator, JAX without allocator statistics).
     seconds : float
         Wall time of measure + release + measure.
     error : str or None
@@ -70,14 +80,19 @@ class CleanerReport:
     """
 
     framework: str
-    bytes_before: int
-    bytes_after: int
+    bytes_before: int | None
+    bytes_after: int | None
     seconds: float
     error: str | None = None
 
     @property
-    def freed(self) -> int:
-        """Bytes handed back (never negative: a pool that grew meanwhile freed 0)."""
+    def freed(self) -> int | None:
+        """Bytes handed back (never negative: a pool that grew meanwhile freed 0).
+
+        None when either figure is unknown.
+        """
+        if self.bytes_before is None or self.bytes_after is None:
+            return None
         return max(0, self.bytes_before - self.bytes_after)
 
 
@@ -86,10 +101,11 @@ class _Cleaner:
     name: str
     framework: str  # the name in reports; differs from `name` only for rmm-reinitialize
     module: str
-    release: Callable[[], None]
-    measure: Callable[[], int] | None
+    release: Callable[[], None] | None  # None: the framework gives nothing back (measured only)
+    measure: Callable[[], int | None] | None
     order: int
     exclusive: bool
+    last: bool  # runs after every other cleaner, whatever their order
     sequence: int
 
 
@@ -99,6 +115,8 @@ _registry: dict[str, _Cleaner] = {}
 # ever sees a complete tuple (assigning a module global is atomic).
 _ordered: tuple[_Cleaner, ...] = ()
 _sequence = 0
+# The cleaner configure_rmm_cleanup adds; it always runs last.
+_RMM_REINITIALIZE: Final = "rmm-reinitialize"
 
 # MEASUREMENT SWITCH. False only while the memory-stability benchmark measures
 # what happens *without* cleanup; nothing else may turn it off.
@@ -114,7 +132,7 @@ def register_cleaner(
     *,
     module: str,
     release: Callable[[], None],
-    measure: Callable[[], int] | None = None,
+    measure: Callable[[], int | None] | None = None,
     order: int = 100,
     exclusive: bool = False,
 ) -> None:
@@ -132,11 +150,13 @@ def register_cleaner(
         ``release() -> None``: give the framework's cached memory back. Import the
         framework inside it (it is loaded whenever ``release`` runs).
     measure : callable, optional
-        ``measure() -> int``: bytes currently held by the framework's pools. It
-        must not release anything.
+        ``measure() -> int | None``: bytes currently held by the framework's
+        pools, or None when the framework cannot tell. It must not release
+        anything.
     order : int, default 100
         Cleaners run in increasing ``order`` (ties: registration order). The
-        built-ins use 10 (RMM) to 50 (TensorFlow).
+        built-ins use 10 (RMM) to 50 (TensorFlow). The RMM re-initialisation of
+        :func:`configure_rmm_cleanup` runs after every cleaner, whatever its order.
     exclusive : bool, default False
         Run only when :func:`release_gpu_pools` is called with
         ``exclusive=True``, i.e. when no other thread of the process can be using
@@ -167,10 +187,11 @@ def _add_cleaner(
     name: str,
     framework: str,
     module: str,
-    release: Callable[[], None],
-    measure: Callable[[], int] | None,
+    release: Callable[[], None] | None,
+    measure: Callable[[], int | None] | None,
     order: int,
     exclusive: bool,
+    last: bool = False,
 ) -> None:
     global _sequence
     with _registry_lock:
@@ -183,6 +204,7 @@ def _add_cleaner(
             measure=measure,
             order=order,
             exclusive=bool(exclusive),
+            last=last,
             sequence=_sequence,
         )
         _rebuild_order()
@@ -212,21 +234,23 @@ def reset_cleaner_registry() -> None:
     """Restore the built-in cleaners (RMM, CuPy, PyTorch, JAX, TensorFlow) only.
 
     Also forgets :func:`configure_rmm_cleanup` options (and its
-    ``"rmm-reinitialize"`` cleaner) and turns the measurement switch back on.
-    Meant for tests.
+    ``"rmm-reinitialize"`` cleaner), turns the measurement switch back on and
+    forgets whether CuPy sees a device (asked again when next needed): all of
+    this module's state. Meant for tests.
     """
-    global _cleanup_enabled
+    global _cleanup_enabled, _cupy_has_device_cached
     with _registry_lock:
         _registry.clear()
         _rmm_config.clear()
         _rebuild_order()
     _cleanup_enabled = True
+    _cupy_has_device_cached = None
     _register_builtins()
 
 
 def _rebuild_order() -> None:
     global _ordered
-    _ordered = tuple(sorted(_registry.values(), key=lambda c: (c.order, c.sequence)))
+    _ordered = tuple(sorted(_registry.values(), key=lambda c: (c.last, c.order, c.sequence)))
 
 
 # ---------------------------------------------------------------------------
@@ -237,22 +261,28 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _measured(measure: Callable[[], int | None]) -> int | None:
+    held = measure()
+    return None if held is None else int(held)
+
+
 def _run_cleaner(cleaner: _Cleaner) -> CleanerReport:
     start = time.perf_counter()
     error: str | None = None
-    before = after = 0
+    before = after = None
     if cleaner.measure is not None:
         try:
-            before = int(cleaner.measure())
+            before = _measured(cleaner.measure)
         except Exception as exc:  # a broken measure must not stop the release
             error = f"measure: {_describe(exc)}"
-    try:
-        cleaner.release()
-    except Exception as exc:
-        error = error or _describe(exc)
+    if cleaner.release is not None:
+        try:
+            cleaner.release()
+        except Exception as exc:
+            error = error or _describe(exc)
     if cleaner.measure is not None:
         try:
-            after = int(cleaner.measure())
+            after = _measured(cleaner.measure)
         except Exception as exc:
             error = error or f"measure: {_describe(exc)}"
     return CleanerReport(
@@ -286,14 +316,15 @@ def release_gpu_pools(*, exclusive: bool = False) -> list[CleanerReport]:
     list of CleanerReport
         One report per cleaner that ran, in run order; empty when no framework
         is loaded, or while the measurement switch has cleanup disabled. RMM
-        gives a second ``"rmm"`` report when a configured re-initialisation ran
-        (see :func:`configure_rmm_cleanup`): its ``bytes_before`` is the first
-        one's ``bytes_after``, so summing ``freed`` per framework is exact.
+        gives a second ``"rmm"`` report on an exclusive call once a
+        re-initialisation is configured (see :func:`configure_rmm_cleanup`). It
+        comes last, after every other framework released what it held from the
+        pool, and measures the pool just before and after re-initialising.
 
     Examples
     --------
     >>> reports = release_gpu_pools()
-    >>> sum(report.freed for report in reports) >= 0
+    >>> sum(report.freed or 0 for report in reports) >= 0
     True
     """
     if not _cleanup_enabled:
@@ -307,28 +338,29 @@ def release_gpu_pools(*, exclusive: bool = False) -> list[CleanerReport]:
         try:
             reports.append(_run_cleaner(cleaner))
         except Exception as exc:  # pragma: no cover - _run_cleaner already catches
-            reports.append(CleanerReport(cleaner.framework, 0, 0, 0.0, _describe(exc)))
+            reports.append(CleanerReport(cleaner.framework, None, None, 0.0, _describe(exc)))
     return reports
 
 
-def pool_bytes() -> dict[str, int]:
+def pool_bytes() -> dict[str, int | None]:
     """Bytes held per loaded framework, measured without releasing anything.
 
     Returns
     -------
     dict
         ``{framework: bytes}`` for every loaded framework whose cleaner has a
-        measure (a measure that fails counts 0). Empty when nothing is loaded.
+        measure; None where the framework cannot tell or the measure fails.
+        Empty when nothing is loaded.
     """
     modules = sys.modules
-    held: dict[str, int] = {}
+    held: dict[str, int | None] = {}
     for cleaner in _ordered:
         if cleaner.measure is None or cleaner.framework in held or modules.get(cleaner.module) is None:
             continue
         try:
-            held[cleaner.framework] = int(cleaner.measure())
+            held[cleaner.framework] = _measured(cleaner.measure)
         except Exception:
-            held[cleaner.framework] = 0
+            held[cleaner.framework] = None
     return held
 
 
@@ -367,6 +399,11 @@ def _loaded(name: str) -> ModuleType:
     return module
 
 
+def _status_ok(status: Any) -> bool:
+    """Whether a CUDA status (an enum of cuda-python, or an int) is success."""
+    return int(getattr(status, "value", status)) == 0
+
+
 def _synchronize_device() -> None:
     """cudaDeviceSynchronize through a binding that is already loaded (never import one)."""
     for name in ("cuda.bindings.runtime", "cuda.cudart"):
@@ -374,7 +411,7 @@ def _synchronize_device() -> None:
         if runtime is not None and hasattr(runtime, "cudaDeviceSynchronize"):
             result = runtime.cudaDeviceSynchronize()
             status = result[0] if isinstance(result, tuple) else result
-            if int(getattr(status, "value", status)) != 0:
+            if not _status_ok(status):
                 raise RuntimeError(f"cudaDeviceSynchronize failed: {status!r}")
             return
     cupy: Any = sys.modules.get("cupy")
@@ -386,9 +423,9 @@ def _synchronize_device() -> None:
 
 # CuPy ----------------------------------------------------------------------
 
-# Whether CuPy sees a device; asked once per process (cudaGetDeviceCount creates
-# no context) so that a CPU-only worker that merely imported CuPy does not get
-# an error in every report.
+# Whether CuPy sees a device; asked once (cudaGetDeviceCount creates no context;
+# reset_cleaner_registry forgets the answer) so that a CPU-only worker that
+# merely imported CuPy does not get an error in every report.
 _cupy_has_device_cached: bool | None = None
 
 
@@ -452,29 +489,38 @@ def _release_cupy() -> None:
 _ASYNC_RESOURCES: Final = frozenset(
     {"CudaAsyncMemoryResource", "CudaAsyncViewMemoryResource", "CudaAsyncManagedMemoryResource"}
 )
+# Resources and adaptors that keep no memory once it is freed: their pool holds 0 bytes.
+_RMM_UNPOOLED: Final = frozenset({
+    "CudaMemoryResource", "ManagedMemoryResource", "SystemMemoryResource", "SamHeadroomMemoryResource",
+    "PinnedHostMemoryResource", "StatisticsResourceAdaptor", "TrackingResourceAdaptor",
+    "LoggingResourceAdaptor", "LimitingResourceAdaptor", "PrefetchResourceAdaptor",
+    "FailureCallbackResourceAdaptor",
+})
 # Options given to configure_rmm_cleanup (empty: never re-initialise).
 _rmm_config: dict[str, Any] = {}
-_RMM_REINITIALIZE: Final = "rmm-reinitialize"
 
 
-def _rmm_in_use() -> bool:
-    """Whether this process set RMM up (``rmm.reinitialize``, as dask-cuda's RMM options do).
+def _rmm_device_resources() -> list[Any] | None:
+    """RMM's memory resource of every device it holds one for; None where this RMM cannot say.
 
-    distributed imports RMM wherever it is installed, so "loaded" is not enough: asking
-    an uninitialised RMM for its resource would start CUDA in a CPU-only worker (or fail
-    there without a driver).
+    ``rmm.is_initialized()`` cannot tell: it is ``all(...)`` over RMM's per-device
+    resources, True when there are none. ``get_log_filenames()`` lists that same
+    per-device dictionary on the host, so it creates no CUDA context, and it is empty
+    in a process that never set a resource (distributed imports RMM wherever it is
+    installed). ``get_current_device_resource()`` would ask the CUDA runtime for the
+    current device instead, and make a default resource for it.
     """
     rmm: Any = _loaded("rmm")
-    is_initialized = getattr(rmm, "is_initialized", None)
-    return bool(is_initialized()) if callable(is_initialized) else True
+    mr = getattr(rmm, "mr", None)
+    listing = getattr(mr, "get_log_filenames", None) or getattr(rmm, "get_log_filenames", None)
+    get_resource = getattr(mr, "get_per_device_resource", None)
+    if not callable(listing) or not callable(get_resource):
+        return None
+    return [get_resource(int(device)) for device in listing()]
 
 
-def _rmm_resources() -> list[Any]:
-    """The current device resource and its upstream chain (adaptors first); none if RMM is unused."""
-    if not _rmm_in_use():
-        return []
-    rmm: Any = _loaded("rmm")
-    resource = rmm.mr.get_current_device_resource()
+def _rmm_chain(resource: Any) -> list[Any]:
+    """``resource`` and its upstream resources, adaptors first."""
     chain: list[Any] = []
     while resource is not None and len(chain) < 16:
         chain.append(resource)
@@ -483,37 +529,77 @@ def _rmm_resources() -> list[Any]:
     return chain
 
 
-def _measure_rmm() -> int:
-    chain = _rmm_resources()
+def _is_async(resource: Any) -> bool:
+    return type(resource).__name__ in _ASYNC_RESOURCES
+
+
+def _has_pool(chain: list[Any]) -> bool:
+    return any(callable(getattr(resource, "pool_size", None)) for resource in chain)
+
+
+def _mempool_reserved_bytes(handle: int) -> int | None:
+    """``cudaMemPoolAttrReservedMemCurrent`` of a CUDA memory pool, through a binding already loaded."""
+    runtime: Any = sys.modules.get("cuda.bindings.runtime") or sys.modules.get("cuda.cudart")
+    if runtime is not None and hasattr(runtime, "cudaMemPoolGetAttribute"):
+        status, value = runtime.cudaMemPoolGetAttribute(
+            runtime.cudaMemPool_t(handle), runtime.cudaMemPoolAttr.cudaMemPoolAttrReservedMemCurrent
+        )
+        if not _status_ok(status):
+            raise RuntimeError(f"cudaMemPoolGetAttribute failed: {status!r}")
+        return int(value)
+    cupy: Any = sys.modules.get("cupy")
+    if cupy is not None:
+        cuda_runtime = cupy.cuda.runtime
+        return int(cuda_runtime.memPoolGetAttribute(handle, cuda_runtime.cudaMemPoolAttrReservedMemCurrent))
+    return None
+
+
+def _rmm_chain_bytes(chain: list[Any]) -> int | None:
+    """Bytes the pool of one device's resource chain holds; None where RMM cannot tell."""
     for resource in chain:
         pool_size = getattr(resource, "pool_size", None)
-        if callable(pool_size):
+        if callable(pool_size):  # PoolMemoryResource: what it took from upstream, free or in use
             return int(pool_size())
     for resource in chain:
-        counts = getattr(resource, "allocation_counts", None)  # a property or a method
-        if callable(counts):
-            counts = counts()
-        if counts is not None:
-            if isinstance(counts, dict):
-                current = counts.get("current_bytes")
-            else:
-                current = getattr(counts, "current_bytes", None)
-            if current is not None:
-                return int(current)
-    return 0  # a plain CUDA resource holds no pool
+        if _is_async(resource):
+            # RMM gives Python the handle of a view's pool, not of the pool a
+            # CudaAsyncMemoryResource creates: its bytes are then unknown.
+            pool_handle = getattr(resource, "pool_handle", None)
+            return _mempool_reserved_bytes(int(pool_handle())) if callable(pool_handle) else None
+    if all(type(resource).__name__ in _RMM_UNPOOLED for resource in chain):
+        return 0
+    return None  # arena, binning, fixed-size or a user's resource: pools without a figure
+
+
+def _measure_rmm() -> int | None:
+    resources = _rmm_device_resources()
+    if resources is None:
+        return None
+    held = 0
+    for resource in resources:
+        figure = _rmm_chain_bytes(_rmm_chain(resource))
+        if figure is None:
+            return None
+        held += figure
+    return held
 
 
 def _release_rmm() -> None:
     # A cudaMallocAsync pool returns memory above its release threshold to the
     # driver at synchronisation points: synchronise so that happens now. A pool
     # resource frees nothing short of re-initialisation, which is the separate,
-    # exclusive "rmm-reinitialize" cleaner (configure_rmm_cleanup).
-    if any(type(resource).__name__ in _ASYNC_RESOURCES for resource in _rmm_resources()):
+    # exclusive "rmm-reinitialize" cleaner (configure_rmm_cleanup). An RMM that
+    # holds no resource (or cannot say) is never asked anything else.
+    resources = _rmm_device_resources() or []
+    if any(_is_async(r) for resource in resources for r in _rmm_chain(resource)):
         _synchronize_device()
 
 
 def _reinitialize_rmm_pool() -> None:
-    if not _rmm_config or not any(callable(getattr(r, "pool_size", None)) for r in _rmm_resources()):
+    if not _rmm_config:
+        return
+    resources = _rmm_device_resources() or []
+    if not any(_has_pool(_rmm_chain(resource)) for resource in resources):
         return
     rmm: Any = _loaded("rmm")
     _synchronize_device()
@@ -528,8 +614,13 @@ def configure_rmm_cleanup(reinitialize_pool: bool = False, **reinitialize_kwargs
     is alive, so it runs only from an *exclusive* cleanup
     (``release_gpu_pools(exclusive=True)``: the well's own guard on a
     single-threaded worker, after the well dropped its arrays), never from the
-    worker plugin's background thread. Turn it on only when nothing else in the
-    worker process keeps RMM memory (no CuPy arrays held in the worker's data).
+    worker plugin's background thread, and after every other cleaner, so that
+    CuPy's pools and FFT plan cache have given back the blocks they held from the
+    old pool. Turn it on only when nothing else in the worker process keeps RMM
+    memory (no CuPy arrays held in the worker's data). The setting is per
+    process: ``connect(cluster="cuda", rmm_reinitialize_pool=True)`` makes it on
+    every worker, restarted ones included, through
+    :class:`hcs_dask.cluster.RMMReinitializePlugin`.
 
     Parameters
     ----------
@@ -561,10 +652,10 @@ def configure_rmm_cleanup(reinitialize_pool: bool = False, **reinitialize_kwargs
         if not reinitialize_pool and _registry.pop(_RMM_REINITIALIZE, None) is not None:
             _rebuild_order()
     if reinitialize_pool:
-        # A cleaner of its own, so that it can be exclusive while the RMM report
-        # and device sync run everywhere. It reports as a second "rmm" report
-        # (what re-initialising freed), so per-framework figures stay per framework.
-        _add_cleaner(_RMM_REINITIALIZE, "rmm", "rmm", _reinitialize_rmm_pool, _measure_rmm, 11, True)
+        # A cleaner of its own, so that it can be exclusive and last while the RMM
+        # report and device sync run everywhere. It reports as a second "rmm"
+        # report (what re-initialising freed), so per-framework figures stay per framework.
+        _add_cleaner(_RMM_REINITIALIZE, "rmm", "rmm", _reinitialize_rmm_pool, _measure_rmm, 10, True, last=True)
 
 
 # PyTorch -------------------------------------------------------------------
@@ -591,6 +682,15 @@ def _release_torch() -> None:
 
 
 # JAX -----------------------------------------------------------------------
+# JAX has nothing to release: its BFC allocator keeps the device memory it took
+# for the life of the process, and a deleted array's block goes back into that
+# pool at once. `jax.clear_caches()` drops compiled functions, not device memory,
+# and would force every jitted step to compile again in the next well. So the
+# JAX cleaner only measures. The embedded cuda cluster starts its workers with
+# XLA_PYTHON_CLIENT_PREALLOCATE=false, so the pool is what the wells needed, not
+# 75 % of the device (hcs_dask.cluster.CUDA_WORKER_CONFIG).
+
+_JAX_DEVICE_PLATFORMS: Final = ("gpu", "cuda", "rocm")
 
 
 def _jax_backends_initialized() -> bool:
@@ -601,24 +701,32 @@ def _jax_backends_initialized() -> bool:
     return bool(check()) if callable(check) else False
 
 
-def _measure_jax() -> int:
+def _jax_device_bytes(stats: dict[str, Any] | None) -> int | None:
+    """Device memory one JAX device's allocator holds, from ``Device.memory_stats()``."""
+    if not stats:
+        return None  # this allocator keeps no statistics
+    pool = stats.get("pool_bytes")  # the BFC allocator: everything it took, free or in use
+    if pool is not None and pool >= 0:
+        return int(pool)
+    in_use = stats.get("bytes_in_use")
+    if os.environ.get("XLA_PYTHON_CLIENT_ALLOCATOR") == "platform" and in_use is not None and in_use >= 0:
+        return int(in_use)  # the platform allocator frees at once: it holds what is in use
+    return None
+
+
+def _measure_jax() -> int | None:
     jax: Any = _loaded("jax")
     if not _jax_backends_initialized():
-        return 0
+        return 0  # JAX takes device memory only once its backends start
     held = 0
     for device in jax.local_devices():
-        if getattr(device, "platform", "cpu") not in ("gpu", "cuda", "rocm"):
-            continue  # CPU-only JAX: no device pool to report
-        stats = device.memory_stats() or {}
-        held += int(stats.get("pool_bytes") or stats.get("bytes_reserved") or stats.get("bytes_in_use") or 0)
+        if getattr(device, "platform", "cpu") not in _JAX_DEVICE_PLATFORMS:
+            continue  # CPU-only JAX: no device pool
+        figure = _jax_device_bytes(device.memory_stats())
+        if figure is None:
+            return None
+        held += figure
     return held
-
-
-def _release_jax() -> None:
-    jax: Any = _loaded("jax")
-    clear_caches = getattr(jax, "clear_caches", None)
-    if callable(clear_caches):
-        clear_caches()
 
 
 # TensorFlow ----------------------------------------------------------------
@@ -641,7 +749,7 @@ def _register_builtins() -> None:
     register_cleaner("rmm", module="rmm", release=_release_rmm, measure=_measure_rmm, order=10)
     register_cleaner("cupy", module="cupy", release=_release_cupy, measure=_measure_cupy, order=20)
     register_cleaner("torch", module="torch", release=_release_torch, measure=_measure_torch, order=30)
-    register_cleaner("jax", module="jax", release=_release_jax, measure=_measure_jax, order=40)
+    _add_cleaner("jax", "jax", "jax", None, _measure_jax, 40, False)  # measured only: see "JAX" above
     # Keras' clear_session resets process-wide state a model in another thread
     # may be using: exclusive only.
     register_cleaner(
