@@ -36,10 +36,10 @@ MB = 1e6
 
 
 def anchor_pipeline() -> Pipeline:
-    """The OpenHCS anchor's pipeline: percentile normalisation per image, then max projection over z."""
+    """The OpenHCS anchor's pipeline: percentile normalisation over each z-stack, then max projection over z."""
     return Pipeline(
         [
-            Step(percentile_normalize, name="percentile_normalize"),
+            Step(percentile_normalize, stack="z", name="percentile_normalize"),
             Step(max_projection, stack="z", name="max_projection"),
         ],
         name="anchor",
@@ -225,9 +225,8 @@ def serial_loop(plate: Plate, output: Path, compute_site: Callable[[list[list[np
 
 
 def anchor_site(images: list[list[np.ndarray]]) -> tuple[np.ndarray, None]:
-    """Percentile normalisation of each image, max projection over z, per channel."""
-    return np.stack([max_projection(np.stack([percentile_normalize(image) for image in planes]))
-                     for planes in images]), None
+    """Percentile normalisation over the z-stack, max projection over z, per channel."""
+    return np.stack([max_projection(percentile_normalize(np.stack(planes))) for planes in images]), None
 
 
 def nuclei_site(images: list[list[np.ndarray]]) -> tuple[np.ndarray, dict[str, Any]]:
