@@ -92,6 +92,9 @@ def main() -> None:
               help="How often a well whose worker died is tried again.")
 @click.option("--stall-timeout", type=float, default=300, show_default=True,
               help="Seconds without progress after which the run reports which wells are stuck where.")
+@click.option("--no-fsync", is_flag=True,
+              help="Scratch outputs: do not flush each well's files to disk before it counts ok. A killed run "
+                   "still leaves a consistent store; a power cut or OS crash may lose wells recorded ok.")
 @click.option("--cluster", type=click.Choice(["local", "cuda"]), default="local", show_default=True,
               help="The embedded cluster: 'local' (one worker per core) or 'cuda' (dask-cuda: one worker "
                    "per GPU, offering the GPU resource that --device gpu steps ask for).")
@@ -115,7 +118,7 @@ def main() -> None:
 def run(graph: str, plate: str, output: str, workers: int | None, threads_per_worker: int,
         scheduler: str | None, device: str, summary: str | None, overwrite: bool, resume: bool,
         well_timeout: float | None, memory_limit: str, worker_death_retries: int, stall_timeout: float,
-        cluster: str, **rmm_options: object) -> None:
+        no_fsync: bool, cluster: str, **rmm_options: object) -> None:
     """Run GRAPH (a pipeline file, or a bundled graph's name) on the PLATE folder."""
     # Only the RMM options given: flags left off are no options at all.
     given = {name: value for name, value in rmm_options.items() if value not in (None, False)}
@@ -123,7 +126,7 @@ def run(graph: str, plate: str, output: str, workers: int | None, threads_per_wo
                   threads_per_worker=threads_per_worker, scheduler=scheduler, overwrite=overwrite,
                   resume=resume, well_timeout=well_timeout, memory_limit=memory_limit,
                   worker_death_retries=worker_death_retries, stall_timeout=stall_timeout,
-                  cluster=cluster, cluster_options=given)
+                  fsync=not no_fsync, cluster=cluster, cluster_options=given)
     sys.exit(0 if result.ok else 1)
 
 

@@ -49,6 +49,8 @@ class WellPlan:
     pixel_size_um: tuple[float, float] | None
     z_step_um: float | None
     manifest: bool = True
+    #: Flush the well's files before its commit and its ``ok`` record (``RunPolicy.fsync``).
+    fsync: bool = True
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -124,6 +126,7 @@ def compile_plate(
     resume: bool = False,
     write_layout: bool = True,
     manifest: bool = True,
+    fsync: bool = True,
 ) -> PlateGraph:
     """Validate ``plate`` × ``pipeline`` × ``output`` and plan every well; reads no pixels.
 
@@ -145,6 +148,8 @@ def compile_plate(
     manifest
         Keep the per-well manifest in the store (needed for ``resume``). Switching it
         off exists to measure its cost.
+    fsync
+        Each well flushes its files to disk before its commit (``RunPolicy.fsync``).
 
     Raises
     ------
@@ -178,6 +183,7 @@ def compile_plate(
             pixel_size_um=plate.pixel_size_um,
             z_step_um=plate.z_step_um,
             manifest=manifest,
+            fsync=fsync,
         )
         for well in plate.wells
         if well.name not in finished

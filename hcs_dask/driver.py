@@ -181,7 +181,7 @@ def submit_plate(
         ``n_workers``, ``threads_per_worker``, ``memory_limit``, ``cluster``,
         ``cluster_options``) and of :class:`hcs_dask.options.RunPolicy`
         (``well_timeout``, ``worker_death_retries``, ``failure_retries``,
-        ``stall_timeout``, ``manifest``, ``overwrite``, ``resume``).
+        ``stall_timeout``, ``manifest``, ``fsync``, ``overwrite``, ``resume``).
 
     Returns
     -------
@@ -207,7 +207,7 @@ def submit_plate(
     # Plans only: the output is written once the cluster is there, so that a cluster that
     # cannot be reached leaves nothing behind.
     graph = compile_plate(plate, pipeline, output, overwrite=policy.overwrite, resume=policy.resume,
-                          write_layout=False, manifest=policy.manifest)
+                          write_layout=False, manifest=policy.manifest, fsync=policy.fsync)
     # Pickled afresh for every submission: the workers run the code as it is now.
     blob = cloudpickle.dumps(pipeline)
     owned = ExitStack()

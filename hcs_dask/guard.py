@@ -233,7 +233,7 @@ def run_well(plan: WellPlan, pipeline: Pipeline | bytes, attempt: int = 1, run: 
     # Exclusive cleaners (RMM re-initialisation, Keras sessions) reset process-wide
     # state: only where no other task thread can share the process.
     cleanup = _Cleanup(exclusive=threads == 1 and worker is not None)
-    manifest = Manifest(plan.output) if plan.manifest else None
+    manifest = Manifest(plan.output, durable=plan.fsync) if plan.manifest else None
     identity = {"well": plan.well.name, "attempts": attempt, "started": started, "run": run,
                 "worker": getattr(worker, "address", None), "pid": os.getpid()}
     failure: dict[str, Any] = {}
@@ -261,7 +261,7 @@ def run_well(plan: WellPlan, pipeline: Pipeline | bytes, attempt: int = 1, run: 
                     break
             if not failure:
                 chain.step = "write"
-                commit_well(plan.output, well.row, well.column, sorted(chain.fields()))
+                commit_well(plan.output, well.row, well.column, sorted(chain.fields()), durable=plan.fsync)
                 chain.step = None
         except Exception as error:  # unpickling, the manifest, the well's metadata (no arrays held here)
             failure = _describe(error, chain)

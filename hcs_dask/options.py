@@ -167,6 +167,11 @@ class RunPolicy:
         Seconds without a finished well after which the run logs what runs where.
     manifest : bool
         Keep the per-well manifest in the store (needed for ``resume``).
+    fsync : bool
+        Flush every file of a well to disk before the well counts as ``ok`` (default
+        True). ``False`` is for scratch outputs: a killed process still leaves a
+        consistent store, but after a power cut or an OS crash a well recorded ``ok``
+        may have lost data.
     overwrite : bool
         Replace an existing output.
     resume : bool
@@ -187,6 +192,7 @@ class RunPolicy:
     failure_retries: int = 0
     stall_timeout: float = 300.0
     manifest: bool = True
+    fsync: bool = True
     overwrite: bool = False
     resume: bool = False
     resources: Mapping[str, float] | None = None
@@ -198,7 +204,7 @@ class RunPolicy:
                            _seconds("stall_timeout", "--stall-timeout", self.stall_timeout, optional=False))
         _whole("worker_death_retries", "--worker-death-retries", self.worker_death_retries, minimum=0)
         _whole("failure_retries", "failure_retries", self.failure_retries, minimum=0)
-        for name in ("manifest", "overwrite", "resume"):
+        for name in ("manifest", "fsync", "overwrite", "resume"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.overwrite and self.resume:

@@ -183,14 +183,16 @@ class Manifest:
     fingerprints, so that a resume with a different plate or pipeline is refused.
     ``wells/<well>.json`` is written by that well's task (``running``, then its outcome)
     or by the client when the task could not (worker death, timeout). No two wells
-    ever write the same file, and every write is an atomic rename.
+    ever write the same file, and every write is an atomic rename. With ``durable``
+    (the default) outcome records are flushed to disk before the rename.
     """
 
     FOLDER = "hcs_dask"
 
-    def __init__(self, output: str | Path) -> None:
+    def __init__(self, output: str | Path, *, durable: bool = True) -> None:
         self.output = Path(output)
         self.folder = self.output / self.FOLDER
+        self.durable = durable
 
     def write_run(self, info: dict) -> None:
         (self.folder / "wells").mkdir(parents=True, exist_ok=True)
@@ -206,7 +208,7 @@ class Manifest:
         # A "running" record lost to a power cut reads as "not started": both mean the
         # well runs again on resume, so only outcomes are worth an fsync.
         _write_json(self.folder / "wells" / f"{record['well']}.json", record,
-                    durable=record.get("status") != "running")
+                    durable=self.durable and record.get("status") != "running")
 
     def read_well(self, well: str) -> dict | None:
         try:
