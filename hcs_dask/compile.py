@@ -177,9 +177,7 @@ def compile_plate(
         if well.name not in finished
     )
     if write_layout:
-        create_plate_layout(output_path, plate, overwrite=overwrite)
-        if manifest:
-            Manifest(output_path).write_run(fingerprints)
+        create_plate_layout(output_path, plate, overwrite=overwrite, run_info=fingerprints if manifest else None)
     return PlateGraph(plate=plate, pipeline=pipeline, output=str(output_path), plans=plans, done=done)
 
 
@@ -188,7 +186,7 @@ def _check_resume(output: Path, fingerprints: dict) -> tuple[dict, ...]:
     manifest = Manifest(output)
     earlier = manifest.read_run() if output.is_dir() else None
     if earlier is None:
-        raise ResumeError(f"{output}: no earlier hcs_dask run to resume (no {Manifest.FOLDER}/run.json)")
+        raise ResumeError(f"{output}: no earlier hcs_dask run to resume (no manifest in {Manifest.FOLDER}/)")
     for what in ("plate", "pipeline"):
         if earlier.get(f"{what}_fingerprint") != fingerprints[f"{what}_fingerprint"]:
             raise ResumeError(
