@@ -49,6 +49,8 @@ class WellPlan:
     pixel_size_um: tuple[float, float] | None
     z_step_um: float | None
     manifest: bool = True
+    #: The plate's format, which says how the well's sources are read (:func:`hcs_dask.formats.read_sources`).
+    source_format: str = "imagexpress"
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -178,6 +180,7 @@ def compile_plate(
             pixel_size_um=plate.pixel_size_um,
             z_step_um=plate.z_step_um,
             manifest=manifest,
+            source_format=plate.format,
         )
         for well in plate.wells
         if well.name not in finished

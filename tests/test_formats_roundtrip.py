@@ -75,3 +75,80 @@ def test_max_projection_of_every_vendor_layout_agrees(tmp_path: Path, client) ->
         projections[plate_format] = zarr.open_array(str(output / "A" / "1" / "0" / "0"), mode="r")[:]
     np.testing.assert_array_equal(projections["imagexpress"], projections["operaphenix"])
     np.testing.assert_array_equal(projections["imagexpress"], projections["cellvoyager"])
+
+
+def planes_seen(stack):
+    """Max projection, and how many planes this channel's stack held."""
+    return stack.max(axis=0), {"planes": int(stack.shape[0])}
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("mixed") / "plate"
+    return write_synthetic_plate(folder, wells=1, sites=2, channels=4, z=3, size=32, seed=3, mixed_depth=True)
+
+
+def test_mixed_depth_stacks_see_each_channels_own_planes(mixed: Path, tmp_path: Path, client) -> None:
+    plate = open_plate(mixed)
+    result = run_plate(plate, Pipeline([Step(planes_seen, stack="z")]), tmp_path / "p.ome.zarr", client,
+                       progress=False)
+    assert result.ok, result.failures()
+    seen = result.measurements.groupby("channel")["planes"].unique().to_dict()
+    assert {c: list(v) for c, v in seen.items()} == {1: [3], 2: [3], 3: [1], 4: [1]}
+    written = zarr.open_array(str(tmp_path / "p.ome.zarr" / "A" / "1" / "0" / "0"), mode="r")
+    assert written.shape == (4, 1, 32, 32)
+    labels = [c["label"] for c in field_metadata(tmp_path / "p.ome.zarr", "A01", 0)["omero"]["channels"]]
+    assert labels == ["DAPI", "FITC", "TRITC", "Cy5"]
+
+
+def test_mixed_depth_kept_planes_are_padded_to_the_deepest_channel(mixed: Path, tmp_path: Path, client) -> None:
+    plate = open_plate(mixed)
+    output = tmp_path / "keep.ome.zarr"
+    assert run_plate(plate, Pipeline([Step(keep)]), output, client, progress=False).ok
+    written = zarr.open_array(str(output / "A" / "1" / "1" / "0"), mode="r")[:]
+    assert written.shape == (4, 3, 32, 32)
+    well = plate.wells[0]
+    for key, source in well.files:
+        if key.site == 2:
+            (image,) = read_sources(plate.format, plate.root, [source])
+            np.testing.assert_array_equal(written[key.channel - 1, key.z - 1], image)
+    # Channel 3 (the projection) and 4 (one plane) hold plane 0 only; their other planes stay 0.
+    assert not written[2:, 1:].any() and written[2:, 0].all()
+
+
+@pytest.mark.parametrize("version", ["0.4", "0.5"])
+def test_ome_zarr_input_from_ome_zarr_py(tmp_path: Path, client, version: str) -> None:
+    from ome_zarr.format import FormatV04, FormatV05
+    from test_formats_omezarr import pixels, write_ngff_plate
+
+    source = write_ngff_plate(tmp_path / "in.ome.zarr", FormatV04() if version == "0.4" else FormatV05(),
+                              labels=("DAPI", "FITC"))
+    plate = open_plate(source)
+    output = tmp_path / "out.ome.zarr"
+    result = run_plate(plate, Pipeline([Step(keep)]), output, client, progress=False)
+    assert result.counts() == {"ok": 2}, result.failures()
+    attrs = field_metadata(output, "B03", 1)
+    assert [c["label"] for c in attrs["omero"]["channels"]] == ["DAPI", "FITC"]
+    scale = attrs["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
+    assert scale == pytest.approx([1.0, 1.5, 0.325, 0.325])
+    assert zarr.open_group(str(output), mode="r").attrs["ome"]["plate"]["field_count"] == 2
+    np.testing.assert_array_equal(zarr.open_array(str(output / "B" / "3" / "1" / "0"), mode="r")[:],
+                                  pixels("B/3", 1, (2, 3, 32, 24)))
+
+
+def test_one_runs_output_feeds_the_next(tmp_path: Path, client) -> None:
+    folder = write_synthetic_plate(tmp_path / "plate", wells=2, sites=2, channels=2, z=3, size=32, seed=8,
+                                   format="cellvoyager")
+    first = tmp_path / "first.ome.zarr"
+    assert run_plate(open_plate(folder), Pipeline([Step(keep)]), first, client, progress=False).ok
+    plate = open_plate(first)
+    assert plate.format == "omezarr" and [w.name for w in plate] == ["A01", "A02"]
+    assert plate.channel_names == ((1, "DAPI"), (2, "FITC"))
+    assert plate.pixel_size_um == pytest.approx((PIXEL_SIZE_UM, PIXEL_SIZE_UM))
+    assert plate.z_step_um == pytest.approx(Z_STEP_UM) and plate.sites == (1, 2) and plate.zs == (1, 2, 3)
+    second = tmp_path / "second.ome.zarr"
+    projection = Pipeline([Step(np.max, stack="z", kwargs={"axis": 0})])
+    assert run_plate(plate, projection, second, client, progress=False).ok
+    kept = zarr.open_array(str(first / "A" / "2" / "1" / "0"), mode="r")[:]
+    projected = zarr.open_array(str(second / "A" / "2" / "1" / "0"), mode="r")[:]
+    np.testing.assert_array_equal(projected[:, 0], kept.max(axis=1))
