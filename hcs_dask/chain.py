@@ -234,6 +234,8 @@ class WellChain:
                     plan.output,
                     f"{plan.well.row}/{plan.well.column}/{plan.field_index(site) if site != REDUCED else 0}",
                     self._layout(values, block),
+                    translation_um=plan.well.position_of(site),
+                    channel_planes=self._channel_planes(site, values, position),
                 )
             index_by_axis = []
             for name, i in _OUTPUT_AXES:
@@ -248,6 +250,20 @@ class WellChain:
                 index_by_axis = index_by_axis[1:]
                 block = block[0]
             writer.write(tuple(index_by_axis), block)
+
+    def _channel_planes(self, site: int, values: dict[str, list[int]],
+                        position: dict[tuple[int, ...], Coord]) -> tuple[tuple[int, ...], ...] | None:
+        """The ``z`` indices that hold each channel's planes, where channels differ in depth; else ``None``."""
+        planes = values["z"]
+        if "z" in self.plan.sequential:
+            # One plane per combination: each channel's planes are its sources' (a step keeps z or reduces it).
+            held = {(key.channel, key.z) for key, _ in self.plan.well.files if key.site == site}
+        else:
+            held = {(index[1], index[2]) for index in position}
+        per_channel = tuple(
+            tuple(i for i, z in enumerate(planes) if (c, z) in held or c == REDUCED) for c in values["c"]
+        )
+        return None if all(len(p) == len(planes) for p in per_channel) else per_channel
 
     def _layout(self, values: dict[str, list[int]], block: np.ndarray) -> FieldLayout:
         plan = self.plan

@@ -122,3 +122,17 @@ def test_unsupported_axes_are_an_error(tmp_path: Path) -> None:
     document.write_text(json.dumps(metadata))
     with pytest.raises(PlateError, match=r"A/1/0: axes \['angle', 'z', 'y', 'x'\] are not supported"):
         open_plate(path)
+
+
+def test_several_acquisitions_are_noted(tmp_path: Path) -> None:
+    path = tmp_path / "in.ome.zarr"
+    root = zarr.open_group(str(path), mode="w", zarr_format=3)
+    write_plate_metadata(root, ["A"], ["1"], ["A/1"], fmt=FormatV05(), acquisitions=[{"id": 0}, {"id": 1}])
+    well = root.require_group("A").require_group("1")
+    write_well_metadata(well, [{"path": "0", "acquisition": 0}, {"path": "1", "acquisition": 1}], fmt=FormatV05())
+    for f in ("0", "1"):
+        write_image(pixels("A/1", int(f), (8, 8)), well.require_group(f), axes="yx", fmt=FormatV05(),
+                    scale_factors=(2,), scale={"y": 1.0, "x": 1.0})
+    plate = open_plate(path)
+    assert plate.sites == (1, 2)
+    assert any("2 acquisitions" in note for note in plate.notes)

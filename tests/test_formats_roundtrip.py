@@ -44,9 +44,28 @@ def check_output(output: Path, plate, *, z_planes: int) -> None:
         assert scale["z"] == pytest.approx(Z_STEP_UM)
 
 
+def check_positions(output: Path, plate) -> None:
+    """Each field's translation is its stage position (level 0) or nothing where the format has none."""
+    for well in plate.wells:
+        for index, site in enumerate(plate.sites):
+            datasets = field_metadata(output, well.name, index)["multiscales"][0]["datasets"]
+            transforms = datasets[0]["coordinateTransformations"]
+            position = well.position_of(site)
+            if position is None:
+                assert [t["type"] for t in transforms] == ["scale"]
+                continue
+            assert transforms[1]["type"] == "translation"
+            assert transforms[1]["translation"][-2:] == pytest.approx(list(position))
+            # Level 1 pixels are 2x2 block means: their centres sit half a level-0 pixel further on.
+            assert len(datasets) >= 2
+            level1 = datasets[1]["coordinateTransformations"][1]["translation"][-2:]
+            assert level1 == pytest.approx([position[0] + PIXEL_SIZE_UM / 2, position[1] + PIXEL_SIZE_UM / 2])
+
+
 @pytest.mark.parametrize("plate_format", VENDOR_FORMATS)
 def test_round_trip(tmp_path: Path, client, plate_format: str) -> None:
-    folder = write_synthetic_plate(tmp_path / plate_format, wells=2, sites=2, channels=2, z=2, size=32, seed=1,
+    # 128 px: two pyramid levels, so the translation of a coarser level is checked too.
+    folder = write_synthetic_plate(tmp_path / plate_format, wells=2, sites=2, channels=2, z=2, size=128, seed=1,
                                    format=plate_format)
     plate = open_plate(folder)
     assert plate.format == plate_format
@@ -54,6 +73,7 @@ def test_round_trip(tmp_path: Path, client, plate_format: str) -> None:
     result = run_plate(plate, Pipeline([Step(keep)]), output, client, progress=False)
     assert result.counts() == {"ok": 2}, result.failures()
     check_output(output, plate, z_planes=2)
+    check_positions(output, plate)
     # The written planes are the source planes.
     well = plate.wells[-1]
     written = zarr.open_array(str(output / well.row / str(well.column) / "1" / "0"), mode="r")[:]
@@ -97,6 +117,7 @@ def test_mixed_depth_stacks_see_each_channels_own_planes(mixed: Path, tmp_path: 
     assert {c: list(v) for c, v in seen.items()} == {1: [3], 2: [3], 3: [1], 4: [1]}
     written = zarr.open_array(str(tmp_path / "p.ome.zarr" / "A" / "1" / "0" / "0"), mode="r")
     assert written.shape == (4, 1, 32, 32)
+    assert "hcs_dask" not in zarr.open_group(str(tmp_path / "p.ome.zarr" / "A" / "1" / "0"), mode="r").attrs
     labels = [c["label"] for c in field_metadata(tmp_path / "p.ome.zarr", "A01", 0)["omero"]["channels"]]
     assert labels == ["DAPI", "FITC", "TRITC", "Cy5"]
 
@@ -114,6 +135,11 @@ def test_mixed_depth_kept_planes_are_padded_to_the_deepest_channel(mixed: Path, 
             np.testing.assert_array_equal(written[key.channel - 1, key.z - 1], image)
     # Channel 3 (the projection) and 4 (one plane) hold plane 0 only; their other planes stay 0.
     assert not written[2:, 1:].any() and written[2:, 0].all()
+    attributes = zarr.open_group(str(output / "A" / "1" / "1"), mode="r").attrs.asdict()
+    assert attributes["hcs_dask"] == {"channel_planes": [[0, 1, 2], [0, 1, 2], [0], [0]]}
+    import ome_zarr_models
+
+    assert type(ome_zarr_models.open_ome_zarr(output)).__name__ == "HCS"
 
 
 @pytest.mark.parametrize("version", ["0.4", "0.5"])
@@ -143,6 +169,7 @@ def test_one_runs_output_feeds_the_next(tmp_path: Path, client) -> None:
     assert run_plate(open_plate(folder), Pipeline([Step(keep)]), first, client, progress=False).ok
     plate = open_plate(first)
     assert plate.format == "omezarr" and [w.name for w in plate] == ["A01", "A02"]
+    assert [w.positions for w in plate] == [w.positions for w in open_plate(folder)]
     assert plate.channel_names == ((1, "DAPI"), (2, "FITC"))
     assert plate.pixel_size_um == pytest.approx((PIXEL_SIZE_UM, PIXEL_SIZE_UM))
     assert plate.z_step_um == pytest.approx(Z_STEP_UM) and plate.sites == (1, 2) and plate.zs == (1, 2, 3)

@@ -23,7 +23,13 @@ class ImageReadError(OSError):
 
 
 def zarr_source(array_path: str, indices: Iterable[int]) -> str:
-    """The source string of one plane: ``("A/1/0/0", (1, 2))`` → ``"A/1/0/0:1,2"``."""
+    """The source string of one plane of an OME-Zarr field: its array path, then the leading-axis indices.
+
+    Examples
+    --------
+    >>> zarr_source("A/1/0/0", (1, 2))
+    'A/1/0/0:1,2'
+    """
     return f"{array_path}:{','.join(str(i) for i in indices)}"
 
 

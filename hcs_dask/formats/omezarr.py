@@ -120,6 +120,10 @@ def read_omezarr(path: str | os.PathLike[str], *, read_headers: bool = True) -> 
     if len(shapes) > 1:
         raise PlateError(f"{absolute}: fields differ in image shape or dtype: " + "; ".join(
             f"{shape} {dtype} e.g. {listing(paths, 3)}" for (shape, dtype), paths in sorted(shapes.items())))
+    acquisitions = plate_meta.get("acquisitions")
+    if isinstance(acquisitions, list) and len(acquisitions) > 1:
+        notes.append(f"the plate declares {len(acquisitions)} acquisitions; their fields are indexed as sites of "
+                     "one acquisition, in each well's 'images' order")
     if empty:
         notes.append(f"{len(empty)} well(s) list no image (e.g. a run's failed wells); left out: {listing(empty)}")
     plate_wells = build_wells(wells, positions)
