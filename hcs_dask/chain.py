@@ -40,8 +40,12 @@ def _coord(key: ImageKey) -> Coord:
     return (key.site, key.channel, key.z, key.timepoint)
 
 
-def _check_output_grid(site: int, grid: list[list[int]], position: dict[tuple[int, ...], Coord]) -> None:
-    """The output of a site fills the field's (t, c) grid; only z may be partial (channels of unequal depth)."""
+def _check_output_grid(site: int, grid: list[list[int]], position: dict[tuple[int, ...], Coord],
+                       one_plane: bool) -> None:
+    """The output of a site fills the field's (t, c) grid; only z may be partial (channels of unequal depth).
+
+    With ``one_plane`` (z processed sequentially) a channel without this plane has no image at all here.
+    """
     times, channels, planes = grid
     outside = [index for index in position if index[0] not in times or index[1] not in channels
                or index[2] not in planes]
@@ -52,7 +56,7 @@ def _check_output_grid(site: int, grid: list[list[int]], position: dict[tuple[in
         )
     held = {index[:2] for index in position}
     lacking = [(t, c) for t in times for c in channels if (t, c) not in held]
-    if lacking:
+    if lacking and not one_plane:
         raise StepError(
             f"the pipeline's output for site {site} is not a full (t, c) grid: no image for (t, c) = "
             f"{lacking[0]} of {len(times)} x {len(channels)}"
@@ -218,7 +222,7 @@ class WellChain:
             values = self.output_values[site]
             grid = [[combination[AXES[i]]] if AXES[i] in combination else values[name] for name, i in _OUTPUT_AXES]
             position = {tuple(c[i] for _, i in _OUTPUT_AXES): c for c in coords}
-            _check_output_grid(site, grid, position)
+            _check_output_grid(site, grid, position, one_plane="z" in combination)
             images = [scope.get(state[position[index]]) if index in position else None
                       for index in itertools.product(*grid)]
             # Planes a channel lacks (channels of unequal depth) stay at the fill value, 0.

@@ -179,3 +179,16 @@ def test_one_runs_output_feeds_the_next(tmp_path: Path, client) -> None:
     kept = zarr.open_array(str(first / "A" / "2" / "1" / "0"), mode="r")[:]
     projected = zarr.open_array(str(second / "A" / "2" / "1" / "0"), mode="r")[:]
     np.testing.assert_array_equal(projected[:, 0], kept.max(axis=1))
+
+
+def test_mixed_depth_with_z_processed_sequentially(mixed: Path, tmp_path: Path, client) -> None:
+    plate = open_plate(mixed)
+    together, one_by_one = tmp_path / "together.ome.zarr", tmp_path / "sequential.ome.zarr"
+    assert run_plate(plate, Pipeline([Step(keep)]), together, client, progress=False).ok
+    result = run_plate(plate, Pipeline([Step(keep)], sequential="z"), one_by_one, client, progress=False)
+    assert result.ok, result.failures()
+    for field in ("0", "1"):
+        np.testing.assert_array_equal(zarr.open_array(str(one_by_one / "A" / "1" / field / "0"), mode="r")[:],
+                                      zarr.open_array(str(together / "A" / "1" / field / "0"), mode="r")[:])
+        attributes = zarr.open_group(str(one_by_one / "A" / "1" / field), mode="r").attrs.asdict()
+        assert attributes["hcs_dask"] == {"channel_planes": [[0, 1, 2], [0, 1, 2], [0], [0]]}
