@@ -164,6 +164,7 @@ def compile_plate(
         write_layout = False
     else:
         output_path = check_output(output, overwrite=overwrite)
+    _check_apart(plate, output_path)
     finished = {record["well"] for record in done}
 
     axis_values = tuple((axis, plate.values(axis)) for axis in AXES)
@@ -195,6 +196,13 @@ def compile_plate(
 def write_output(graph: PlateGraph, *, overwrite: bool = False) -> None:
     """Write a compiled plate's output layout (plate, row and well groups, the run's manifest), once."""
     create_plate_layout(graph.output, graph.plate, overwrite=overwrite, run_info=graph.run_info or None)
+
+
+def _check_apart(plate: Plate, output: Path) -> None:
+    """The output must not be, or hold, the plate's images: replacing it would delete them (an OME-Zarr input)."""
+    root = Path(plate.root).absolute()
+    if root.is_relative_to(output):
+        raise CompileError(f"{output}: the output would replace the input plate {root}; write it elsewhere")
 
 
 def _check_resume(output: Path, fingerprints: dict) -> tuple[dict, ...]:

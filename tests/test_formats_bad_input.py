@@ -122,3 +122,15 @@ def test_reader_errors_are_plate_errors(sources: dict[str, Path], tmp_path: Path
     (plate / "Images" / "Index.idx.xml").write_text("<EvaluationInputData><Images><Image>")
     with pytest.raises(PlateError, match=r"Index.idx.xml is malformed XML \(line 1, column \d+\)"):
         open_plate(plate)
+
+
+def test_an_ome_zarr_input_cannot_be_its_own_output(tmp_path: Path) -> None:
+    from test_formats_omezarr import write_ngff_plate
+
+    path = write_ngff_plate(tmp_path / "in.ome.zarr", FormatV05())
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    for output in (path, tmp_path):
+        ran = CliRunner().invoke(main, ["run", "max_projection", str(path), "-o", str(output), "--overwrite"],
+                                 catch_exceptions=False)
+        assert ran.exit_code == 2 and "the output would replace the input plate" in ran.output, ran.output
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before
