@@ -192,9 +192,14 @@ class Plate:
         return len(self.wells)
 
     @cached_property
+    def _places(self) -> frozenset[tuple[int, int, int, int]]:
+        # Every distinct (site, channel, z, timepoint): a few thousand, from which all axis facts follow.
+        return frozenset(key[1:] for well in self.wells for key, _ in well.files)
+
+    @cached_property
     def _axis_values(self) -> dict[str, tuple[int, ...]]:
-        keys = [key for well in self.wells for key, _ in well.files]
-        return {axis: tuple(sorted({getattr(key, axis) for key in keys})) for axis in AXES}
+        places = self._places
+        return {axis: tuple(sorted({place[i] for place in places})) for i, axis in enumerate(AXES)}
 
     def values(self, axis: str) -> tuple[int, ...]:
         """Sorted distinct values of an axis (``site``, ``channel``, ``z``, ``timepoint``)."""
@@ -221,9 +226,8 @@ class Plate:
     @cached_property
     def _channel_z(self) -> dict[int, tuple[int, ...]]:
         planes: dict[int, set[int]] = {}
-        for well in self.wells:
-            for key, _ in well.files:
-                planes.setdefault(key.channel, set()).add(key.z)
+        for _, channel, z, _ in self._places:
+            planes.setdefault(channel, set()).add(z)
         return {channel: tuple(sorted(zs)) for channel, zs in sorted(planes.items())}
 
     def channel_z(self, channel: int) -> tuple[int, ...]:
