@@ -4,7 +4,8 @@ A :class:`~hcs_dask.plate.Well` lists its images as ``(ImageKey, source)`` pairs
 For the TIFF formats a source is a path relative to the plate root; for an
 OME-Zarr input it is ``"<array path>:<i0>,<i1>,…"``, the level-0 array of a field
 and the indices of its leading (non-``y, x``) axes. :func:`read_sources` turns
-sources into 2-D arrays one at a time, so a worker holds one plane per read.
+sources into 2-D arrays one at a time; of an OME-Zarr field it holds at most one
+chunk's planes at once.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ def _read_zarr_planes(root: str, sources: Iterable[str]) -> Iterator[np.ndarray]
 
     opened_path: str | None = None
     array = None
+    slab_at: tuple[int, ...] | None = None
+    slab = None
     for source in sources:
         array_path, _, index_text = source.rpartition(":")
         indices = tuple(int(i) for i in index_text.split(",")) if index_text else ()
@@ -55,9 +58,21 @@ def _read_zarr_planes(root: str, sources: Iterable[str]) -> Iterator[np.ndarray]
             # A well's sources come field by field: each field's array is opened once.
             if array_path != opened_path:
                 array = zarr.open_array(store=root, path=array_path, mode="r")
-                opened_path = array_path
+                opened_path, slab_at, slab = array_path, None, None
             assert array is not None
-            image = np.asarray(array[indices])
+            chunks = array.chunks[: len(indices)]
+            if all(c == 1 for c in chunks):
+                image = np.asarray(array[indices])
+            else:
+                # A chunk holds several planes: decode it once for all of them, not once per plane.
+                start = tuple(i // c * c for i, c in zip(indices, chunks))
+                if start != slab_at:
+                    slab = None  # freed before the next one is read
+                    slab = np.asarray(array[tuple(slice(s, s + c) for s, c in zip(start, chunks))])
+                    slab_at = start
+                assert slab is not None
+                # A copy, so that the plane does not keep the whole slab alive in the well's scope.
+                image = slab[tuple(i - s for i, s in zip(indices, start))].copy()
         except Exception as error:  # zarr and its codecs raise many types for a damaged chunk
             raise ImageReadError(
                 f"{root}/{array_path} at {indices}: cannot read image: {type(error).__name__}: {error}"
