@@ -25,7 +25,8 @@ from typing import Any, Iterator
 import dask
 from distributed.diagnostics.plugin import WorkerPlugin
 
-__all__ = ["CLUSTER_KINDS", "CUDA_WORKER_CONFIG", "ClusterError", "ClusterOptionError", "EMBEDDED_SCHEDULER_CONFIG",
+__all__ = ["CLUSTER_KINDS", "CUDA_WORKER_CONFIG", "ClusterError", "ClusterOptionError", "EMBEDDED_LIFETIME_CONFIG",
+           "EMBEDDED_SCHEDULER_CONFIG", "EMBEDDED_WORKER_PRELOAD",
            "RMMReinitializePlugin", "available_cores",
            "check_cluster", "connect", "cuda_device_count"]
 
