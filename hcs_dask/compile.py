@@ -51,6 +51,8 @@ class WellPlan:
     manifest: bool = True
     #: Flush the well's files before its commit and its ``ok`` record (``RunPolicy.fsync``).
     fsync: bool = True
+    #: The plate's format, which says how the well's sources are read (:func:`hcs_dask.formats.read_sources`).
+    source_format: str = "imagexpress"
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -79,7 +81,7 @@ class PlateGraph:
     plans: tuple[WellPlan, ...]
     #: On resume: the manifest records of the wells already ``ok``, which are not re-run.
     done: tuple[dict, ...] = ()
-    #: What the manifest's ``run.json`` records of this run (the plate's and pipeline's fingerprints).
+    #: What the manifest records of this run (``hcs_dask/zarr.json``) (the plate's and pipeline's fingerprints).
     run_info: dict = field(default_factory=dict, compare=False)
 
     def __len__(self) -> int:
@@ -167,6 +169,7 @@ def compile_plate(
         write_layout = False
     else:
         output_path = check_output(output, overwrite=overwrite)
+    _check_apart(plate, output_path)
     finished = {record["well"] for record in done}
 
     axis_values = tuple((axis, plate.values(axis)) for axis in AXES)
@@ -184,6 +187,7 @@ def compile_plate(
             z_step_um=plate.z_step_um,
             manifest=manifest,
             fsync=fsync,
+            source_format=plate.format,
         )
         for well in plate.wells
         if well.name not in finished
@@ -196,10 +200,15 @@ def compile_plate(
 
 
 def write_output(graph: PlateGraph, *, overwrite: bool = False) -> None:
-    """Write a compiled plate's output layout (plate, row and well groups) and its run record, once."""
-    create_plate_layout(graph.output, graph.plate, overwrite=overwrite)
-    if graph.run_info:
-        Manifest(graph.output).write_run(graph.run_info)
+    """Write a compiled plate's output layout (plate, row and well groups, the run's manifest), once."""
+    create_plate_layout(graph.output, graph.plate, overwrite=overwrite, run_info=graph.run_info or None)
+
+
+def _check_apart(plate: Plate, output: Path) -> None:
+    """The output must not be, or hold, the plate's images: replacing it would delete them (an OME-Zarr input)."""
+    root = Path(plate.root).absolute()
+    if root.is_relative_to(output):
+        raise CompileError(f"{output}: the output would replace the input plate {root}; write it elsewhere")
 
 
 def _check_resume(output: Path, fingerprints: dict) -> tuple[dict, ...]:
@@ -207,7 +216,7 @@ def _check_resume(output: Path, fingerprints: dict) -> tuple[dict, ...]:
     manifest = Manifest(output)
     earlier = manifest.read_run() if output.is_dir() else None
     if earlier is None:
-        raise ResumeError(f"{output}: no earlier hcs_dask run to resume (no {Manifest.FOLDER}/run.json)")
+        raise ResumeError(f"{output}: no earlier hcs_dask run to resume (no manifest in {Manifest.FOLDER}/)")
     if earlier.get("plate_fingerprint") != fingerprints["plate_fingerprint"]:
         raise ResumeError(
             f"{output}: cannot resume: the plate differs from the earlier run's "

@@ -324,6 +324,7 @@ class _Driver:
         self.workers: dict[str, _Worker] = {}
         self.recycled: set[str] = set()
         self.submissions = 0
+        self.used_keys: set[Any] = set()
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.lock = threading.Lock()
         self.bars: list[Any] = []
@@ -457,8 +458,12 @@ class _Driver:
     def _submit(self, plan: WellPlan, attempt: int, worker: _Worker, *, solo: bool) -> None:
         self.submissions += 1
         key: Any = plan.key
-        if self.submissions > len(self.graph.plans) or key in getattr(self.client, "futures", {}):
+        # The documented key for a well's first submission; every later one (the scheduler
+        # may not have forgotten an erred task yet) and any clash with the client's own
+        # futures gets a fresh one.
+        if key in self.used_keys or key in getattr(self.client, "futures", {}):
             key = (*plan.key, self.run_id, self.submissions)
+        self.used_keys.add(plan.key)
         token = f"{self.run_id}-{self.submissions}"
         future = self.client.submit(run_well, plan, self.blob, attempt, token, key=key, pure=False,
                                     workers=[worker.address], allow_other_workers=False,
@@ -535,7 +540,12 @@ class _Driver:
                 result.started = result.started or entry.started
             result.finished = time.time()
             if self.manifest is not None:
-                self.manifest.write_well(result.record())
+                try:
+                    self.manifest.write_well(result.record())
+                except OSError as error:  # the record stays in the result; resume redoes the well
+                    logger.warning("well %s: its %s record could not be written to the manifest: %s",
+                                   result.well, result.status, error)
+                    result.error = f"{result.error or ''} (not recorded in the manifest: {error})".strip()
         with self.lock:
             self.results[result.well] = result
             for bar in self.bars:
