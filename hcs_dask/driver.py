@@ -13,6 +13,11 @@ the cluster's ``allowed-failures``, threads per worker or resources.
   culprit; the others end as they would have.
 * Wells on a worker that the run itself ended (a timeout) run again, uncounted.
 
+With the manifest on, each worker also holds one well queued behind its running ones,
+so that it starts the next well without waiting for a round trip through this client.
+A queued well is not charged for a death: the well's own ``running`` record, written
+before any of its code runs, tells the wells that had started from those that had not.
+
 A well past ``well_timeout`` is ended from outside its process, by its nanny
 (``SIGKILL`` to the worker process) or, without a nanny, by this machine's
 operating system where the worker runs here; the start time is the current
@@ -39,7 +44,7 @@ import cloudpickle
 
 from hcs_dask.cluster import ClusterError, check_cluster, connect
 from hcs_dask.compile import PlateGraph, WellPlan, compile_plate, write_output
-from hcs_dask.guard import run_well
+from hcs_dask.guard import cancel_run, run_well
 from hcs_dask.options import ClusterSpec, RunPolicy, split_options
 from hcs_dask.pipeline import Pipeline, load_pipeline
 from hcs_dask.plate import Plate, row_index, split_well_name
@@ -286,7 +291,10 @@ class _InFlight:
     worker: str
     solo: bool
     token: str
-    started: float  # wall clock at submission: the current attempt's start as the client knows it
+    #: Wall clock when the well took a slot of its worker, as the client knows it; None while
+    #: it waits queued on the worker behind the wells running there.
+    started: float | None
+    order: int = 0  # submission number: a worker runs its queued wells in this order
 
 
 @dataclass
@@ -306,6 +314,11 @@ class _Driver:
     """The client side of one run, on a thread of its own."""
 
     POLL_SECONDS = 0.5
+    #: Wells queued on each worker beyond its slots (only with the manifest, which tells on a
+    #: death whether a queued well had started).
+    QUEUED_PER_WORKER = 1
+    #: Deaths a well may see while queued, uncounted, before it runs alone like a suspect.
+    UNSTARTED_LOSSES = 2
 
     def __init__(self, graph: PlateGraph, client: Any, policy: RunPolicy, blob: bytes, owned: ExitStack) -> None:
         self.graph = graph
@@ -325,6 +338,8 @@ class _Driver:
         self.recycled: set[str] = set()
         self.submissions = 0
         self.used_keys: set[Any] = set()
+        self.unstarted_losses: dict[str, int] = {}
+        self.queue_depth = self.QUEUED_PER_WORKER if self.manifest is not None else 0
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.lock = threading.Lock()
         self.bars: list[Any] = []
@@ -351,7 +366,9 @@ class _Driver:
     # ---------------------------------------------------------- reading state
     def counts(self) -> dict[str, int]:
         with self.lock:
-            counts = {"queued": len(self.pending) + len(self.suspects), "running": len(self.inflight)}
+            running = sum(1 for entry in self.inflight.values() if entry.started is not None)
+            counts = {"queued": len(self.pending) + len(self.suspects) + len(self.inflight) - running,
+                      "running": running}
             for result in self.results.values():
                 counts[result.status] = counts.get(result.status, 0) + 1
         return {status: n for status, n in counts.items() if n or status in ("queued", "running")}
@@ -448,7 +465,7 @@ class _Driver:
         if self.suspects:
             return  # other wells wait until a worker is free for the next suspect
         while self.pending:
-            free = [w for w in usable if not w.solo and len(w.keys) < w.slots]
+            free = [w for w in usable if not w.solo and len(w.keys) < w.slots + self.queue_depth]
             if not free:
                 return
             worker = max(free, key=lambda w: w.slots - len(w.keys))
@@ -468,8 +485,11 @@ class _Driver:
         future = self.client.submit(run_well, plan, self.blob, attempt, token, key=key, pure=False,
                                     workers=[worker.address], allow_other_workers=False,
                                     resources=self.resources)
+        running = sum(1 for key in worker.keys if self.inflight[key].started is not None)
+        started = time.time() if running < worker.slots else None
         with self.lock:
-            self.inflight[future.key] = _InFlight(plan, attempt, future, worker.address, solo, token, time.time())
+            self.inflight[future.key] = _InFlight(plan, attempt, future, worker.address, solo, token, started,
+                                                  self.submissions)
         worker.keys.add(future.key)
         worker.solo = worker.solo or solo
         future.add_done_callback(lambda f: self.events.put(("done", f)))
@@ -484,7 +504,24 @@ class _Driver:
                 worker.keys.discard(key)
                 if entry.solo:
                     worker.solo = False
+                if entry.started is not None and not worker.retired:
+                    self._promote(worker)
         return entry
+
+    def _promote(self, worker: _Worker) -> None:
+        """The first well queued on ``worker`` takes the slot just freed: its clock starts now."""
+        queued = [self.inflight[key] for key in worker.keys if self.inflight[key].started is None]
+        if queued:
+            min(queued, key=lambda entry: entry.order).started = time.time()
+
+    def _had_started(self, entry: _InFlight) -> bool:
+        """Whether the well wrote its ``running`` record for this submission (before any of its code ran)."""
+        assert self.manifest is not None
+        try:
+            record = self.manifest.read_well(entry.plan.well.name)
+        except OSError:
+            return True  # cannot tell: treated as started, so as a suspect
+        return record is not None and record.get("run") == entry.token
 
     # ------------------------------------------------------------- outcomes
     def _handle(self, future: Any) -> bool:
@@ -592,6 +629,24 @@ class _Driver:
                 self.pending.appendleft((entry.plan, entry.attempt))
             logger.info("wells %s: worker %s retired while running them; running them again", names, address)
             return final
+        if self.manifest is not None:
+            # Wells queued on the worker that had not started lose nothing and are charged
+            # nothing. A solo suspect is never among them: alone, it is the culprit either way.
+            waiting = [entry for entry in lost if not entry.solo and not self._had_started(entry)]
+            for entry in waiting:
+                name = entry.plan.well.name
+                self.unstarted_losses[name] = self.unstarted_losses.get(name, 0) + 1
+                if self.unstarted_losses[name] > self.UNSTARTED_LOSSES:  # bounded: it may die before its record
+                    self.suspects.append((entry.plan, entry.attempt))
+                else:
+                    self.pending.appendleft((entry.plan, entry.attempt))
+            lost = [entry for entry in lost if entry not in waiting]
+            if waiting:
+                logger.info("wells %s had not started on worker %s when it died; they run again, uncounted",
+                            ", ".join(entry.plan.well.name for entry in waiting), address)
+            if not lost:
+                return final
+            names = ", ".join(entry.plan.well.name for entry in lost)
         if len(lost) > 1:
             for entry in lost:
                 self.suspects.append((entry.plan, entry.attempt))
@@ -669,8 +724,12 @@ class _Driver:
         limit = self.policy.well_timeout
         assert limit is not None
         now = time.time()
-        late = [entry for entry in list(self.inflight.values()) if now - entry.started > limit]
+        late = [entry for entry in list(self.inflight.values())
+                if entry.started is not None and now - entry.started > limit]
         for entry in late:
+            worker = self.workers.get(entry.worker)
+            if worker is not None:
+                worker.retired = True  # before the slot is freed: nothing queued there starts its clock
             self._take(entry.future.key)
             logger.warning("well %s: no result after %.0f s; ending worker %s", entry.plan.well.name, limit,
                            entry.worker)
@@ -736,6 +795,13 @@ class _Driver:
         with self.lock:
             self.pending.clear()
             self.suspects.clear()
+        if any(entry.started is None for entry in self.inflight.values()):
+            # Wells queued on workers end themselves as cancelled when they see this; those
+            # already running get the grace.
+            try:
+                self.client.run(cancel_run, self.run_id)
+            except Exception as error:  # a worker gone meanwhile: its wells end with it
+                logger.info("telling the workers about the cancel failed: %s", error)
         for plan, attempt in waiting:
             result = self._cancelled(plan, "the run was cancelled before the well started")
             result.attempts = attempt
@@ -744,8 +810,9 @@ class _Driver:
     def _stop_inflight(self) -> None:
         for entry in list(self.inflight.values()):
             self._take(entry.future.key)
-            self._finish(self._cancelled(entry, "the run was cancelled while the well ran; its worker "
-                                                "process was ended"), entry)
+            why = ("the run was cancelled while the well ran; its worker process was ended" if entry.started is not None
+                   else "the run was cancelled before the well started")
+            self._finish(self._cancelled(entry, why), entry)
             self._end_worker(entry)
 
     # -------------------------------------------------------------- result

@@ -30,7 +30,7 @@ from hcs_dask.pipeline import Pipeline
 from hcs_dask.results import ExecutionResult
 from hcs_dask.store import Manifest, commit_well, reset_well
 
-__all__ = ["run_well"]
+__all__ = ["cancel_run", "run_well"]
 
 
 # ------------------------------------------------------------------ the worker
@@ -100,6 +100,20 @@ def _pipeline(pipeline: Pipeline | bytes) -> Pipeline:
         while len(_PIPELINES) > _PIPELINES_KEPT:
             _PIPELINES.popitem(last=False)
     return loaded
+
+
+# Runs cancelled by their client (hcs_dask.driver): a well of one that has not started yet
+# ends as ``cancelled`` instead. Set on the worker's event loop, read by task threads.
+_CANCELLED_RUNS: set[str] = set()
+
+
+def cancel_run(run_id: str) -> None:
+    """Make every well of run ``run_id`` that starts from now on in this process end as ``cancelled``.
+
+    Run on every worker by the driver (``client.run``) when a run is cancelled, so that wells
+    queued on a worker do not start.
+    """
+    _CANCELLED_RUNS.add(run_id)
 
 
 # --------------------------------------------------------------- failure record
@@ -207,12 +221,15 @@ def run_well(plan: WellPlan, pipeline: Pipeline | bytes, attempt: int = 1, run: 
         The how-manieth run of this well that counts (runs a well did not end itself,
         such as an innocent neighbour's worker death, do not count).
     run : str, optional
-        The submission's token, written into the well's manifest records so that the
-        client reads only the records of this submission.
+        The submission's token (``"<run id>-<n>"``), written into the well's manifest
+        records so that the client reads only the records of this submission. A well
+        of a run cancelled by :func:`cancel_run` in this process returns
+        ``status="cancelled"`` at once, without running.
 
     Notes
     -----
-    The well's record in the store's manifest says ``running`` first and its outcome
+    The well's record in the store's manifest says ``running`` first (before the
+    pipeline is unpickled, so before any of the well's code runs) and its outcome
     last; ``ok`` is written only after the well's arrays are flushed and listed in its
     metadata (:func:`hcs_dask.store.commit_well`). Memory figures under
     ``memory["process"]`` are the worker process's; ``memory["process"]["shared"]``
@@ -220,6 +237,8 @@ def run_well(plan: WellPlan, pipeline: Pipeline | bytes, attempt: int = 1, run: 
     well's alone).
     """
     worker = _worker()
+    if run is not None and run.rpartition("-")[0] in _CANCELLED_RUNS:
+        return _cancelled_before_start(plan, attempt, run, worker)
     key = (worker.get_current_task() if worker is not None else None) or plan.key
     threads = _worker_threads(worker)
     ticket, shared = _occupancy.enter()
@@ -239,9 +258,11 @@ def run_well(plan: WellPlan, pipeline: Pipeline | bytes, attempt: int = 1, run: 
     failure: dict[str, Any] = {}
     try:
         try:
-            chain.pipeline = _pipeline(pipeline)
+            # The record first: a worker that dies from here on died running this well
+            # (hcs_dask.driver tells queued wells from started ones by it).
             if manifest is not None:
                 manifest.write_well({**identity, "status": "running"})
+            chain.pipeline = _pipeline(pipeline)
             well = plan.well
             reset_well(plan.output, well.row, well.column)
             for combination in plan.combinations():
@@ -306,4 +327,17 @@ def run_well(plan: WellPlan, pipeline: Pipeline | bytes, attempt: int = 1, run: 
         except OSError as error:  # the data may be there, but unrecorded it is not "ok"
             result.status = "failed"
             result.error_type, result.error = type(error).__name__, f"writing the manifest record: {error}"
+    return result
+
+
+def _cancelled_before_start(plan: WellPlan, attempt: int, run: str, worker: Any) -> ExecutionResult:
+    """The record of a well whose run was cancelled before it started; nothing of it ran."""
+    result = ExecutionResult(well=plan.well.name, status="cancelled", attempts=attempt, run=run, started=time.time(),
+                             finished=time.time(), worker=getattr(worker, "address", None), pid=os.getpid(),
+                             error="cancelled: the run was cancelled before the well started")
+    if plan.manifest:
+        try:
+            Manifest(plan.output, durable=plan.fsync).write_well(result.record())
+        except OSError as error:  # the client records it instead, from the result
+            result.error += f" (not recorded in the manifest: {error})"
     return result
