@@ -528,7 +528,11 @@ class _Driver:
         transfer from the worker, and it is there even if that worker died since.
         """
         if self.manifest is not None:
-            record = self.manifest.read_well(entry.plan.well.name)
+            try:
+                record = self.manifest.read_well(entry.plan.well.name)
+            except (OSError, ValueError) as error:  # an unreadable manifest: the task's own result says
+                logger.warning("well %s: its manifest record cannot be read: %s", entry.plan.well.name, error)
+                record = None
             if record and record.get("run") == entry.token and record.get("status") != "running":
                 entry.future.release()
                 return ExecutionResult.from_record(record)
