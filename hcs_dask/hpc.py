@@ -112,10 +112,17 @@ def parse_cluster_options(items: Iterable[str]) -> dict[str, Any]:
 
 
 def _cluster_class(kind: str) -> Any:
+    # dask_jobqueue.runner (0.9.0, dask/dask-jobqueue#696) sets at import a SIGINT handler that exits with
+    # status 0; Ctrl-C must stay a KeyboardInterrupt (a failed run, jobs cancelled on the way out).
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main_thread else None
     try:
         import dask_jobqueue
     except ImportError as error:
         raise ClusterError(f"--cluster {kind} needs dask-jobqueue ({HPC_INSTALL_HINT}): {error}") from None
+    finally:
+        if main_thread and previous is not None and signal.getsignal(signal.SIGINT) is not previous:
+            signal.signal(signal.SIGINT, previous)
     return getattr(dask_jobqueue, _CLASSES[kind])
 
 
@@ -224,7 +231,7 @@ def walltime_seconds(kind: str, walltime: Any) -> float | None:
     text = str(walltime).strip()
     bad = ClusterOptionError(f"walltime {walltime!r} is not a {_SYSTEM_NAMES.get(kind, kind)} time "
                              f"({_WALLTIME_FORMS.get(kind, 'H:M:S')})")
-    days = 0
+    days: int | None = None
     if kind == "slurm" and "-" in text:
         day_text, _, text = text.partition("-")
         if not day_text.isdigit():
@@ -235,11 +242,10 @@ def walltime_seconds(kind: str, walltime: Any) -> float | None:
         raise bad
     numbers = [int(part) for part in parts]
     minutes_first = kind in ("slurm", "lsf")
-    if days:
-        seconds = {1: numbers[0] * 3600, 2: numbers[0] * 3600 + numbers[1] * 60}.get(len(numbers))
-        if seconds is None:
-            seconds = numbers[0] * 3600 + numbers[1] * 60 + numbers[2]
-        return float(days * 86400 + seconds)
+    if days is not None:  # D-H, D-H:M, D-H:M:S
+        hours_minutes_seconds = [*numbers, 0, 0][:3]
+        return float(days * 86400 + hours_minutes_seconds[0] * 3600 + hours_minutes_seconds[1] * 60
+                     + hours_minutes_seconds[2])
     if len(numbers) == 1:
         return float(numbers[0] * (60 if minutes_first else 1))
     if len(numbers) == 2:
@@ -398,9 +404,10 @@ class _JobKeeper:
     """Replace the jobs whose workers are gone (walltime, --lifetime, scancel, a lost node).
 
     dask-jobqueue's cluster keeps a lost job in its plan, so nothing would start another
-    one. A job counts as lost once none of its workers has been connected for longer
-    than ``distributed.deploy.lost-worker-timeout`` (after which the cluster itself
-    forgets single-worker jobs); it is cancelled and a new one submitted.
+    one. A job of one worker is forgotten by the cluster itself once its worker has been
+    gone for ``distributed.deploy.lost-worker-timeout``; a job of several workers
+    (``processes`` > 1), which the cluster never forgets, once none of them has been
+    connected for longer than that. The keeper then submits a new job under the same name.
     """
 
     INTERVAL_MS = 2000
@@ -448,7 +455,9 @@ class _JobKeeper:
                 job = cluster.workers.get(job_name)
                 if job is None:
                     continue
-                names = {f"{job_name}{suffix}" for suffix in spec.get("group", [""])}
+                if "group" not in spec:
+                    continue  # the cluster forgets it by itself; doing it here too would race with that
+                names = {f"{job_name}{suffix}" for suffix in spec["group"]}
                 if names & connected:
                     self.last_seen[id(job)] = now
                 elif id(job) in self.last_seen and now - self.last_seen[id(job)] > self.grace:
