@@ -297,10 +297,14 @@ def check_versions(versions: Mapping[str, Any]) -> None:
     >>> side = {"packages": {"python": "3.11.7.final.0", "dask": "2026.8.0", "hcs-dask": "0.1.0"}}
     >>> check_versions({"client": side, "scheduler": side, "workers": {"tcp://w:1": side}})
     >>> worker = {"packages": {**side["packages"], "python": "3.12.1.final.0", "hcs-dask": None}}
-    >>> check_versions({"client": side, "scheduler": side, "workers": {"tcp://w:1": worker}})
-    Traceback (most recent call last):
-    ...
-    hcs_dask.preflight.VersionMismatchError: package versions differ in a way that breaks the run: python 3.11 on the client and the scheduler, but 3.12 on worker tcp://w:1; hcs-dask 0.1.0 on the client and the scheduler, but not installed on worker tcp://w:1. Install the client's versions on the scheduler and every worker
+    >>> try:
+    ...     check_versions({"client": side, "scheduler": side, "workers": {"tcp://w:1": worker}})
+    ... except VersionMismatchError as error:
+    ...     print(error)  # doctest: +NORMALIZE_WHITESPACE
+    package versions differ in a way that breaks the run: python 3.11 on the client and the
+    scheduler, but 3.12 on worker tcp://w:1; hcs-dask 0.1.0 on the client and the scheduler,
+    but not installed on worker tcp://w:1. Install the client's versions on the scheduler and
+    every worker
     """
     sides: dict[str, Mapping[str, Any]] = {"the client": _packages(versions.get("client"))}
     scheduler = _packages(versions.get("scheduler"))

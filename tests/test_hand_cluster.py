@@ -272,7 +272,8 @@ def test_preflight_versions_that_break_the_run():
                 "msgpack": "1.2.4", "numpy": "2.4.6", "zarr": "3.1.6", "hcs-dask": "0.1.0"}
         return {"host": {}, "packages": {**base, **packages}}
 
-    same = {"client": side(), "scheduler": side(), "workers": {"tcp://127.0.0.1:1": side(), "tcp://127.0.0.1:2": side()}}
+    same = {"client": side(), "scheduler": side(),
+            "workers": {"tcp://127.0.0.1:1": side(), "tcp://127.0.0.1:2": side()}}
     check_versions(same)
     # Patch releases of python, numpy and zarr, and a scheduler without zarr, break nothing.
     check_versions({"client": side(), "scheduler": side(python="3.11.9.final.0", zarr=None),
@@ -352,7 +353,8 @@ def test_preflight_output_on_another_file_system(hand_cluster, tmp_path):
     (tmp_path / ".hcs-dask-probe-x").write_text("the other machine's token")
     answer = _probe_folder(str(tmp_path), ".hcs-dask-probe-x", "this client's token")
     assert answer == f"sees another file in {tmp_path} than the client wrote: not the client's file system"
-    assert _probe_folder(str(tmp_path / "absent"), "m", "t") == f"does not see {tmp_path / 'absent'} (no such folder on its host)"
+    absent = tmp_path / "absent"
+    assert _probe_folder(str(absent), "m", "t") == f"does not see {absent} (no such folder on its host)"
 
 
 # ---------------------------------------------------------------------- TLS

@@ -46,7 +46,8 @@ def test_cluster_options_are_yaml_but_times_stay_strings():
 
 @pytest.mark.parametrize(("kind", "text", "seconds"), [
     ("slurm", "30", 1800), ("slurm", "30:15", 1815), ("slurm", "02:00:00", 7200), ("slurm", "1-12", 129600),
-    ("slurm", "1-00:30", 88200), ("slurm", "0-01:00", 3600), ("slurm", "2-00:00:10", 172810), ("pbs", "00:30:00", 1800), ("pbs", 3600, 3600),
+    ("slurm", "1-00:30", 88200), ("slurm", "0-01:00", 3600), ("slurm", "2-00:00:10", 172810),
+    ("pbs", "00:30:00", 1800), ("pbs", 3600, 3600),
     ("sge", "12:00:00", 43200), ("lsf", "00:30", 1800), ("lsf", "90", 5400),
 ])
 def test_walltimes_in_each_notation(kind, text, seconds):

@@ -170,7 +170,8 @@ def test_a_plate_through_slurm_with_one_job_killed_mid_run(slurm, tmp_path):
     assert process.returncode == 0, _tail(log)
     assert data["counts"] == {"ok": 40}, _tail(log)
     assert attempts[well] <= 2  # the killed well ran again, once, elsewhere
-    assert re.search(r"SLURM job\(s\) SLURMCluster-\d ended; submitting 1 replacement\(s\)", log.read_text()), _tail(log)
+    replaced = re.search(r"SLURM job\(s\) SLURMCluster-\d ended; submitting 1 replacement\(s\)", log.read_text())
+    assert replaced, _tail(log)
     assert not left, f"jobs left after the run: {left}"
 
 
@@ -191,3 +192,17 @@ def test_a_signal_to_the_client_cancels_the_jobs(slurm, tmp_path, sent):
     if sent == signal.SIGTERM:
         assert process.returncode == 128 + signal.SIGTERM, _tail(log)
     assert not left, f"jobs left after {sent.name}: {left}"
+
+
+def test_run_plate_with_cluster_slurm_from_python(slurm, tmp_path, monkeypatch):
+    from hcs_dask import load_pipeline, open_plate, run_plate
+
+    plate = write_synthetic_plate(tmp_path / "plate", wells=4, sites=1, channels=1, z=2, size=64, seed=3)
+    name = f"hcs-test-{uuid.uuid4().hex[:8]}"
+    for variable, value in _environment(tmp_path / "no-faults.json").items():
+        monkeypatch.setenv(variable, value)
+    result = run_plate(open_plate(plate), load_pipeline(str(GRAPH)), tmp_path / "out.ome.zarr", cluster="slurm",
+                       cluster_options={"jobs": 1, "cores": 1, "memory": "1GB", "job_name": name,
+                                        "log_directory": str(tmp_path / "logs")}, progress=False)
+    assert [well.status for well in result.wells] == ["ok"] * 4
+    assert not _no_jobs_left(name)
