@@ -373,11 +373,14 @@ def hpc_client(
     client: Client | None = None
     try:
         cluster.scale(jobs=jobs)
-        try:
-            # scale() submits in the background and only logs a refusal: wait for it here.
-            cluster.sync(cluster._correct_state)
-        except Exception as error:  # RuntimeError with the submit command's output
-            raise ClusterError(f"{name} refused the job submission: {error}") from error
+        cluster.sync(cluster._correct_state)  # waits for the submissions that scale() started
+        for job in _failed_submissions(cluster):
+            # dask-jobqueue only logged why; submitting again says it (or succeeds this time).
+            try:
+                cluster.sync(job.start)
+            except Exception as error:  # RuntimeError with the submit command's output
+                _mark_failed(job)
+                raise ClusterError(f"{name} refused the job submission: {error}") from None
         client = Client(cluster)
         ids = ", ".join(str(job.job_id) for job in cluster.workers.values())
         logger.info("submitted %d %s job(s) (%s); waiting for the first worker", jobs, name, ids)
@@ -397,7 +400,22 @@ def hpc_client(
         if client is not None:
             with contextlib.suppress(Exception):
                 client.close()
+        for job in _failed_submissions(cluster):
+            _mark_failed(job)  # never submitted: nothing to cancel (and closing asserts it started)
         cluster.close()  # cancels every job (scancel, qdel, bkill)
+
+
+def _failed_submissions(cluster: Any) -> list[Any]:
+    """The cluster's jobs whose submission failed (they never left ``Status.created``)."""
+    from distributed.core import Status
+
+    return [job for job in list(cluster.workers.values()) if job.status == Status.created]
+
+
+def _mark_failed(job: Any) -> None:
+    from distributed.core import Status
+
+    job.status = Status.failed
 
 
 class _JobKeeper:
@@ -411,6 +429,8 @@ class _JobKeeper:
     """
 
     INTERVAL_MS = 2000
+    #: Seconds between attempts to submit a replacement that the batch system refused.
+    RETRY_SECONDS = 30
 
     def __init__(self, cluster: Any, system: str) -> None:
         from dask.utils import parse_timedelta
@@ -420,6 +440,7 @@ class _JobKeeper:
         self.grace = parse_timedelta(dask.config.get("distributed.deploy.lost-worker-timeout")) + 1.0
         self.last_seen: dict[int, float] = {}
         self.replaced = 0
+        self.retry_after = 0.0
         self._callback: Any = None
         self._checking = False
 
@@ -468,11 +489,21 @@ class _JobKeeper:
                 with contextlib.suppress(Exception):
                     await job.close()
             missing = set(cluster.worker_spec) - set(cluster.workers)
-            if missing:
+            if missing and now >= self.retry_after:
                 self.replaced += len(missing)
                 logger.warning("%s job(s) %s ended; submitting %d replacement(s)", self.system,
                                ", ".join(sorted(map(str, missing))), len(missing))
                 await cluster._correct_state()
+                refused = _failed_submissions(cluster)
+                for job in refused:  # dask-jobqueue logged why; try again later
+                    _mark_failed(job)
+                for job_name, job in list(cluster.workers.items()):
+                    if job in refused:
+                        del cluster.workers[job_name]
+                if refused:
+                    self.retry_after = now + self.RETRY_SECONDS
+                    logger.warning("%s refused %d replacement job(s); trying again in %d s", self.system,
+                                   len(refused), self.RETRY_SECONDS)
             alive = {id(job) for job in cluster.workers.values()}
             for key in set(self.last_seen) - alive:
                 del self.last_seen[key]

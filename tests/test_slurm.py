@@ -206,3 +206,17 @@ def test_run_plate_with_cluster_slurm_from_python(slurm, tmp_path, monkeypatch):
                                         "log_directory": str(tmp_path / "logs")}, progress=False)
     assert [well.status for well in result.wells] == ["ok"] * 4
     assert not _no_jobs_left(name)
+
+
+def test_a_refused_submission_exits_2_with_the_batch_system_s_words(slurm, tmp_path):
+    process, name, logs, log = _start_run(tmp_path, 4, "--cluster-option", "queue=no-such-partition")
+    try:
+        process.wait(120)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(30)
+    text = log.read_text()
+    assert process.returncode == 2, _tail(log)
+    assert "error: SLURM refused the job submission" in text and "invalid partition" in text.lower()
+    assert not _no_jobs_left(name)
