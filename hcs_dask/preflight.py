@@ -151,9 +151,9 @@ class ClusterFacts:
         ...     (WorkerFacts("tcp://127.0.0.1:4001", "127.0.0.1", 2, 0, True, True),))
         >>> print(facts.assumes())  # doctest: +NORMALIZE_WHITESPACE
         assumes 1 worker (2 threads, no GPU slot) on 1 host, every worker with a nanny and
-        the cleanup plugin; the scheduler reruns a dead worker's tasks itself until they have
-        been on 4 dying workers (allowed-failures 3) and queues wells beyond about 1.1 per
-        thread (worker-saturation 1.1)
+        the cleanup plugin; a worker's death reaches the run when the worker leaves, and its
+        wells wait for the run instead of being rerun by the scheduler (allowed-failures 3);
+        no well waits queued on a worker whatever worker-saturation says (1.1)
         """
         workers = self.n_workers
         gpu = f"{self.gpu_slots:g} GPU slot{'s' * (self.gpu_slots != 1)}" if self.gpu_slots else "no GPU slot"
@@ -168,20 +168,21 @@ class ClusterFacts:
                          f"nor stoppable from outside), {plugins} of {workers} with the cleanup plugin "
                          "preloaded (the run registers it on the rest)")
         sentence = f"{parts[0]}, {parts[1]}"
+        # The run places every well on a free slot itself, restricted to that worker
+        # (hcs_dask.driver): these settings change how it learns of a death, not who pays.
         if self.allowed_failures is None:
             sentence += "; the scheduler's allowed-failures is unknown"
         elif self.allowed_failures == 0:
-            sentence += "; the scheduler reports a worker's death at once (allowed-failures 0)"
+            sentence += "; a worker's death reaches the run at once as KilledWorker (allowed-failures 0)"
         else:
-            sentence += (f"; the scheduler reruns a dead worker's tasks itself until they have been on "
-                         f"{self.allowed_failures + 1} dying workers (allowed-failures {self.allowed_failures})")
+            sentence += (f"; a worker's death reaches the run when the worker leaves, and its wells wait "
+                         f"for the run instead of being rerun by the scheduler (allowed-failures "
+                         f"{self.allowed_failures})")
         if self.worker_saturation is None:
-            sentence += " and its worker-saturation is unknown"
-        elif math.isinf(self.worker_saturation):
-            sentence += " and sends every well to a worker at once (worker-saturation inf)"
+            sentence += "; worker-saturation is unknown"
         else:
-            sentence += (f" and queues wells beyond about {self.worker_saturation:g} per thread "
-                         f"(worker-saturation {self.worker_saturation:g})")
+            sentence += (f"; no well waits queued on a worker whatever worker-saturation says "
+                         f"({self.worker_saturation:g})")
         return sentence
 
 
