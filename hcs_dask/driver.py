@@ -221,8 +221,15 @@ def submit_plate(
             client=spec.client, scheduler=spec.scheduler, n_workers=spec.n_workers,
             threads_per_worker=spec.threads_per_worker, memory_limit=spec.memory_limit,
             cluster=spec.cluster, **spec.cluster_options))
-        if pipeline.uses_gpu():
-            _require_gpu_workers(active, pipeline)
+        if spec.embedded and spec.cluster in ("local", "cuda"):
+            # Started here, from this environment, on this machine: only the GPU can be missing.
+            if pipeline.uses_gpu():
+                _require_gpu_workers(active, pipeline)
+        else:  # a cluster started elsewhere, or batch jobs: check it before the first well
+            from hcs_dask.preflight import check_cluster_ready
+
+            facts = check_cluster_ready(active, pipeline=pipeline, output=graph.output)
+            logger.info("plate %s: %s", plate.name, facts.assumes())
         if not policy.resume:
             write_output(graph, overwrite=policy.overwrite)
         driver = _Driver(graph, active, policy, blob, owned)
@@ -565,7 +572,11 @@ class _Driver:
         transfer from the worker, and it is there even if that worker died since.
         """
         if self.manifest is not None:
-            record = self.manifest.read_well(entry.plan.well.name)
+            try:
+                record = self.manifest.read_well(entry.plan.well.name)
+            except (OSError, ValueError) as error:  # an unreadable manifest: the task's own result says
+                logger.warning("well %s: its manifest record cannot be read: %s", entry.plan.well.name, error)
+                record = None
             if record and record.get("run") == entry.token and record.get("status") != "running":
                 entry.future.release()
                 return ExecutionResult.from_record(record)
