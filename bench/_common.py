@@ -279,6 +279,25 @@ def embedded_cluster(n_workers: int) -> Iterator[tuple[Any, float]]:
 # ----------------------------------------------------------------------------- figures
 
 
+def well_timeline(stream: list) -> tuple[float, float]:
+    """From Dask's task stream: the median well task (``run_well``, start to return) and the median
+    gap on a worker between one well task's return and the next one's start, in seconds."""
+    tasks, gaps = [], []
+    by_worker: dict[str, list[tuple[float, float]]] = {}
+    for task in stream:
+        if "hcs-well" not in str(task.get("key")):
+            continue
+        for span in task.get("startstops", ()):
+            if span.get("action") == "compute":
+                by_worker.setdefault(task["worker"], []).append((span["start"], span["stop"]))
+                tasks.append(span["stop"] - span["start"])
+    for spans in by_worker.values():
+        spans.sort()
+        gaps += [b[0] - a[1] for a, b in zip(spans, spans[1:])]
+    return statistics.median(tasks), statistics.median(gaps) if gaps else float("nan")
+
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident set size so far (Linux: ``ru_maxrss`` is in KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / MB

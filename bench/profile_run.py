@@ -4,8 +4,8 @@ Runs the anchor plate (``--wells`` × 4 sites × 2 channels × 3 z, 128 px, by d
 ``run_plate`` on an embedded 1-worker cluster started and warmed up first, while ``py-spy record``
 samples the worker process and this process (client, driver thread and the embedded scheduler).
 Prints, per process and thread, the share of samples of the functions that matter (inclusive), and
-from the wells' records the median task and the median gap between one well's end and the next
-one's start. ``--raw DIR`` keeps py-spy's collapsed stacks for a flame graph.
+from Dask's task stream the median well task and the median gap between one well task's return
+and the next one's start. ``--raw DIR`` keeps py-spy's collapsed stacks for a flame graph.
 
     python bench/profile_run.py                     # 96 wells
     python bench/profile_run.py --wells 48 --raw /tmp/prof --option fsync=False
@@ -27,7 +27,9 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from _common import PlateSpec, anchor_pipeline, embedded_cluster, subset, synthetic_plate, table, workdir_from
+from _common import (PlateSpec, anchor_pipeline, embedded_cluster, subset, synthetic_plate, table, well_timeline,
+                     workdir_from)
+from distributed import get_task_stream
 
 from hcs_dask import open_plate, run_plate
 
@@ -119,20 +121,19 @@ def main(argv: list[str] | None = None) -> int:
                      for name, pid in (("worker", worker_pid), ("client", os.getpid()))}
             time.sleep(1.0)  # py-spy attaches
             start = time.perf_counter()
-            result = run_plate(plate, pipeline, output, client=client, overwrite=True, progress=False, **options)
+            with get_task_stream(client) as stream:
+                result = run_plate(plate, pipeline, output, client=client, overwrite=True, progress=False,
+                                   **options)
             wall = time.perf_counter() - start
             for process in spies.values():
                 process.send_signal(signal.SIGINT)
             for process in spies.values():
                 process.wait(timeout=60)
     assert result.ok, result.failures()[:1]
-    tasks = [w.seconds * 1e3 for w in result.wells]
-    ordered = sorted(result.wells, key=lambda w: w.started)
-    gaps = [(b.started - a.finished) * 1e3 for a, b in zip(ordered, ordered[1:])]
+    task, gap = well_timeline(stream.data)
     table(["figure", "value"], [
         ["wells", len(result.wells)], ["run_plate s", wall], ["ms/well", wall / len(result.wells) * 1e3],
-        ["median task ms", statistics.median(tasks)], ["median gap ms", statistics.median(gaps)],
-        ["p90 gap ms", sorted(gaps)[int(len(gaps) * 0.9)]],
+        ["median well task ms (task stream)", task * 1e3], ["median gap between tasks ms", gap * 1e3],
         ["median cleanup ms", statistics.median(w.memory.get("cleanup_seconds", 0) * 1e3 for w in result.wells)],
     ], title=f"1-worker run of {len(result.wells)} anchor wells ({options or 'default options'})")
     for name in ("worker", "client"):

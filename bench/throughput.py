@@ -11,9 +11,10 @@ no framework. Every ratio below is to it. Two plates:
 Per plate, variants run alternately, ``--repeats`` times each (best is the figure, the spread is
 printed): ``bare``; ``hcs_1`` and ``hcs_N`` (``run_plate(..., client=...)`` on embedded clusters
 started and warmed up beforehand: compile + layout + execution); ``hcs_1_nofsync`` (the same with
-``fsync=False``, so that the durable commit's cost shows by difference). From ``hcs_1``'s wells it
-prints where the time goes: the median task (``ExecutionResult.seconds``) and the median gap
-between one well's end and the next one's start on the worker, each against the bare ms/well.
+``fsync=False``, so that the durable commit's cost shows by difference). From Dask's task stream of
+the ``hcs_1`` runs it prints where the time goes: the median well task (``run_well`` from start to
+return, the durable commit included) over the bare ms/well, and the median gap on the worker
+between one well task's return and the next one's start.
 
 Then, for the anchor plate, **whole commands** timed from outside: ``hcs-dask run
 bench/anchor_graph.py PLATE -o OUT --workers 1`` (and N) against ``bare_loop.py --once``.
@@ -27,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import statistics
 import subprocess
 import sys
 import time
@@ -49,6 +49,7 @@ from _common import (
     synthetic_plate,
     table,
     verdict,
+    well_timeline,
     workdir_from,
 )
 
@@ -74,18 +75,21 @@ def bare_site_of(label: str) -> Any:
     return nuclei
 
 
-def run_hcs(client: Any, plate: Any, pipeline: Any, output: Path, **options: Any) -> tuple[float, float, Any]:
+def run_hcs(client: Any, plate: Any, pipeline: Any, output: Path, **options: Any) -> tuple[float, float, Any, list]:
     """Wall seconds of run_plate on a started cluster, the CPU seconds of client, scheduler and
-    workers together, and the PlateResult."""
+    workers together, the PlateResult, and the Dask task stream of the run."""
+    from distributed import get_task_stream
+
     cpu = cpu_seconds(client)
     start = time.perf_counter()
-    result = run_plate(plate, pipeline, output, client=client, overwrite=True, progress=False, **options)
+    with get_task_stream(client) as stream:
+        result = run_plate(plate, pipeline, output, client=client, overwrite=True, progress=False, **options)
     wall = time.perf_counter() - start
     cpu = cpu_seconds(client) - cpu
     if not result.ok:
         failed = result.failures()[0]
         raise SystemExit(f"hcs_dask run failed: {failed.well}: {failed.error_type}: {failed.error}")
-    return wall, cpu, result
+    return wall, cpu, result, stream.data
 
 
 def run_bare(index: Any, site: Any, output: Path) -> tuple[float, float, list[dict]]:
@@ -93,19 +97,6 @@ def run_bare(index: Any, site: Any, output: Path) -> tuple[float, float, list[di
     start = time.perf_counter()
     rows = bare_loop(index, output, site=site)
     return time.perf_counter() - start, cpu_seconds() - cpu, rows
-
-
-def well_timeline(result: Any) -> tuple[float, float]:
-    """Median task seconds and median gap (s) between consecutive wells on the same worker."""
-    tasks = [w.seconds for w in result.wells]
-    gaps = []
-    by_worker: dict[str, list[Any]] = {}
-    for well in result.wells:
-        by_worker.setdefault(well.worker, []).append(well)
-    for wells in by_worker.values():
-        wells.sort(key=lambda w: w.started)
-        gaps += [b.started - a.finished for a, b in zip(wells, wells[1:])]
-    return statistics.median(tasks), statistics.median(gaps) if gaps else float("nan")
 
 
 def compare(hcs: Path, bare: Path, wells: list[str], hcs_rows: Any, bare_rows: list[dict]) -> list[str]:
@@ -149,7 +140,7 @@ def bench_plate(label: str, root: Path, pipeline: Any, work: Path, repeats: int,
     timelines: dict[str, list[tuple[float, float]]] = {name: [] for name in variants}
     with embedded_cluster(1) as (one, start_one), embedded_cluster(n_all) as (all_cores, start_many):
         for client in (one, all_cores):  # the workers' first imports
-            run_hcs(client, subset(plate, 1), pipeline, out / f"{label}-warmup.ome.zarr")
+            run_hcs(client, subset(plate, 2), pipeline, out / f"{label}-warmup.ome.zarr")
         run_bare(dict(list(index.items())[:1]), site, out / f"{label}-warmup.zarr")
         bare_rows: list[dict] = []
         result = None
@@ -162,8 +153,8 @@ def bench_plate(label: str, root: Path, pipeline: Any, work: Path, repeats: int,
                 else:
                     client = all_cores if name == many else one
                     options = {"fsync": False} if name.endswith("nofsync") else {}
-                    wall, cpu, result = run_hcs(client, plate, pipeline, hcs_out, **options)
-                    timelines[name].append(well_timeline(result))
+                    wall, cpu, result, stream = run_hcs(client, plate, pipeline, hcs_out, **options)
+                    timelines[name].append(well_timeline(stream))
                 times[name].append(wall)
                 cpus[name].append(cpu)
                 print(f"  [{label}] repeat {repeat + 1}: {name:14s} {wall:7.2f} s wall, {cpu:7.2f} s CPU", flush=True)
