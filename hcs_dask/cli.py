@@ -14,23 +14,46 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-import click
-import dask
+from typing import TYPE_CHECKING
 
-from hcs_dask.cluster import ClusterError
-from hcs_dask.compile import CompileError
-from hcs_dask.formats import PlateError, PlateWarning, open_plate, write_synthetic_plate
-from hcs_dask.formats.synthetic import SYNTHETIC_FORMATS
-from hcs_dask.options import OptionError, split_options
-from hcs_dask.hpc import HPC_KINDS
-from hcs_dask.pipeline import PipelineError, load_pipeline
-from hcs_dask.results import PlateResult
-from hcs_dask.store import OutputError
+import click
+
+# Only what the options' help needs is imported here, so that `hcs-dask --help` starts at
+# once; a command imports what it uses (Dask, zarr, the readers) when it runs.
+from hcs_dask.options import HPC_KINDS
+
+if TYPE_CHECKING:
+    from hcs_dask.results import PlateResult
 
 __all__ = ["main"]
 
-#: Errors that mean "the input is wrong": exit code 2, nothing written.
-INPUT_ERRORS = (OptionError, PlateError, PipelineError, CompileError, OutputError)
+
+def _input_errors() -> tuple[type[Exception], ...]:
+    """Errors that mean "the input is wrong": exit code 2, nothing written."""
+    from hcs_dask.compile import CompileError
+    from hcs_dask.formats import PlateError
+    from hcs_dask.options import OptionError
+    from hcs_dask.pipeline import PipelineError
+    from hcs_dask.store import OutputError
+
+    return (OptionError, PlateError, PipelineError, CompileError, OutputError)
+
+
+class _SyntheticFormats(click.Choice):
+    """The synthetic plate formats as a ``click.Choice``, listed by the writer only when click asks."""
+
+    def __init__(self) -> None:
+        super().__init__(())
+
+    @property  # type: ignore[override]
+    def choices(self) -> tuple[str, ...]:
+        from hcs_dask.formats._synthetic_layouts import LAYOUTS  # the readers import NumPy and tifffile
+
+        return tuple(LAYOUTS)
+
+    @choices.setter
+    def choices(self, value: object) -> None:
+        """``click.Choice.__init__`` sets an empty list; the writer's list is the one used."""
 
 
 def _fail_input(error: Exception) -> None:
@@ -54,15 +77,18 @@ def _report(result: PlateResult, summary: str | None) -> None:
 
 def _run(graph: str, plate_path: str, output: str, *, device: str, summary: str | None,
          **options: object) -> PlateResult:
+    from hcs_dask.cluster import ClusterError
     from hcs_dask.driver import run_plate
+    from hcs_dask.options import split_options
+    from hcs_dask.pipeline import load_pipeline
 
     try:
         split_options(options)  # every option checked before the plate is even opened
         graph_options = {"device": device} if device != "cpu" else {}
         pipeline = load_pipeline(graph, **graph_options)
-        plate = open_plate(plate_path)
-        result = run_plate(plate, pipeline, output, **options)
-    except INPUT_ERRORS as error:
+        # The plate is opened by run_plate, while the cluster starts.
+        result = run_plate(plate_path, pipeline, output, **options)
+    except _input_errors() as error:
         _fail_input(error)
     except ClusterError as error:
         click.echo(f"error: {error}", err=True)
@@ -103,6 +129,9 @@ def _scaled_out(cluster: str, options: dict) -> Iterator[dict]:
     Within the block the TLS files are the Dask config's, and a SIGTERM unwinds (so a
     batch system's jobs are cancelled). A bad combination exits 2 before anything runs.
     """
+    import dask
+
+    from hcs_dask.cluster import ClusterError
     from hcs_dask.hpc import parse_cluster_options, sigterm_raises
 
     jobs, items, ca_file, cert, key = (options.pop(name) for name in SCALE_OUT_PARAMETERS)
@@ -200,7 +229,7 @@ def run(graph: str, plate: str, output: str, workers: int | None, threads_per_wo
 
 @main.command()
 @click.argument("directory", type=click.Path())
-@click.option("--format", "plate_format", type=click.Choice(SYNTHETIC_FORMATS), default="imagexpress",
+@click.option("--format", "plate_format", type=_SyntheticFormats(), default="imagexpress",
               show_default=True, help="The vendor layout to write, with its metadata files.")
 @click.option("--wells", type=int, default=4, show_default=True)
 @click.option("--sites", type=int, default=2, show_default=True)
@@ -218,6 +247,8 @@ def synth(directory: str, plate_format: str, wells: int, sites: int, channels: i
     """Write a synthetic plate (images, vendor metadata files, ground_truth.csv) to DIRECTORY."""
     start = time.perf_counter()
     try:
+        from hcs_dask.formats import write_synthetic_plate
+
         path = write_synthetic_plate(directory, wells=wells, sites=sites, channels=channels, z=z,
                                      timepoints=timepoints, size=size, seed=seed, format=plate_format,
                                      mixed_depth=mixed_depth)
@@ -238,6 +269,8 @@ def demo(directory: str, wells: int, workers: int | None) -> None:
     plate_dir = root / "plate"
     if not plate_dir.exists():
         click.echo(f"synthesising a {wells}-well plate in {plate_dir} ...")
+        from hcs_dask.formats import write_synthetic_plate
+
         write_synthetic_plate(plate_dir, wells=wells, sites=2, channels=2, z=3, size=256, seed=0)
     result = _run("nuclei_count", str(plate_dir), str(root / "nuclei_count.ome.zarr"), device="cpu",
                   summary=str(root / "summary.json"), n_workers=workers, overwrite=True)
@@ -253,6 +286,8 @@ def inspect(plate: str, as_json: bool) -> None:
     Exit 0 for a plate that can run, 1 when wells lack images their siblings have,
     2 when it cannot be opened (the message names the file and the problem).
     """
+    from hcs_dask.formats import PlateError, PlateWarning, open_plate
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", PlateWarning)
         try:

@@ -25,6 +25,8 @@ from typing import Any, Iterator
 import dask
 from distributed.diagnostics.plugin import WorkerPlugin
 
+from hcs_dask._environ import USER_SET_MALLOC_TRIM
+
 __all__ = ["CLUSTER_KINDS", "CUDA_WORKER_CONFIG", "ClusterError", "ClusterOptionError", "EMBEDDED_LIFETIME_CONFIG",
            "EMBEDDED_SCHEDULER_CONFIG", "EMBEDDED_WORKER_PRELOAD",
            "RMMReinitializePlugin", "available_cores",
@@ -91,8 +93,9 @@ GPU_INSTALL_HINT = "pip install 'hcs-dask[gpu]'"
 EMBEDDED_WORKER_PRELOAD = "hcs_dask._embedded_worker"
 
 #: Whether the user's environment set MALLOC_TRIM_THRESHOLD_ before hcs_dask was imported
-#: (this module is imported with the package, before any nanny of this process can set it).
-_USER_SET_MALLOC_TRIM = "MALLOC_TRIM_THRESHOLD_" in os.environ
+#: (read by ``import hcs_dask`` itself, in :mod:`hcs_dask._environ`, before any nanny of this
+#: process can set it; this module may be imported later).
+_USER_SET_MALLOC_TRIM = USER_SET_MALLOC_TRIM
 
 
 def _drop_inherited_malloc_trim() -> None:

@@ -167,6 +167,8 @@ def submit_plate(
     Returns as soon as the wells are handed to the cluster. Everything that can be
     checked before a pixel is read (the plate, the pipeline, the options, the output
     path, the cluster) is checked first; then nothing has been written if it fails.
+    An embedded cluster starts on a thread of its own while the plate is scanned and
+    compiled here, and is closed again when they fail.
 
     Parameters
     ----------
@@ -198,10 +200,6 @@ def submit_plate(
         Before anything is written, naming the option, file, step or path at fault.
     """
     spec, policy = split_options({"client": client, **options})
-    if not isinstance(plate, Plate):
-        from hcs_dask.formats import open_plate
-
-        plate = open_plate(plate)
     if not isinstance(pipeline, Pipeline):
         pipeline = load_pipeline(pipeline)
     check_cluster(spec.cluster, client=spec.client, scheduler=spec.scheduler, n_workers=spec.n_workers,
@@ -209,18 +207,34 @@ def submit_plate(
     if pipeline.uses_gpu() and spec.embedded and spec.cluster == "local" \
             and "resources" not in spec.cluster_options:
         raise _no_gpu_error(pipeline)
-    # Plans only: the output is written once the cluster is there, so that a cluster that
-    # cannot be reached leaves nothing behind.
-    graph = compile_plate(plate, pipeline, output, overwrite=policy.overwrite, resume=policy.resume,
-                          write_layout=False, manifest=policy.manifest, fsync=policy.fsync)
-    # Pickled afresh for every submission: the workers run the code as it is now.
-    blob = cloudpickle.dumps(pipeline)
+    if not isinstance(plate, Plate) and not os.path.exists(plate):
+        from hcs_dask.formats import open_plate
+
+        open_plate(plate)  # its PlateError names the path, before any cluster starts
     owned = ExitStack()
+    # The cluster starts while this thread scans the plate and compiles it; a plate that
+    # cannot run closes it again. Nothing is written before both are done.
+    starting = _Background(lambda: owned.enter_context(connect(
+        client=spec.client, scheduler=spec.scheduler, n_workers=spec.n_workers,
+        threads_per_worker=spec.threads_per_worker, memory_limit=spec.memory_limit,
+        cluster=spec.cluster, **spec.cluster_options)))
     try:
-        active = owned.enter_context(connect(
-            client=spec.client, scheduler=spec.scheduler, n_workers=spec.n_workers,
-            threads_per_worker=spec.threads_per_worker, memory_limit=spec.memory_limit,
-            cluster=spec.cluster, **spec.cluster_options))
+        if not isinstance(plate, Plate):
+            from hcs_dask.formats import open_plate
+
+            plate = open_plate(plate)
+        # Plans only: the output is written once the cluster is there, so that a cluster that
+        # cannot be reached leaves nothing behind.
+        graph = compile_plate(plate, pipeline, output, overwrite=policy.overwrite, resume=policy.resume,
+                              write_layout=False, manifest=policy.manifest, fsync=policy.fsync)
+        # Pickled afresh for every submission: the workers run the code as it is now.
+        blob = cloudpickle.dumps(pipeline)
+    except BaseException:
+        starting.wait()
+        owned.close()
+        raise
+    try:
+        active = starting.result()
         if spec.embedded and spec.cluster in ("local", "cuda"):
             # Started here, from this environment, on this machine: only the GPU can be missing.
             if pipeline.uses_gpu():
@@ -841,6 +855,33 @@ class _Driver:
 
 
 # ------------------------------------------------------------------ helpers
+class _Background:
+    """``function()`` on a thread of its own, started at once; :meth:`result` waits and returns it."""
+
+    def __init__(self, function: Any) -> None:
+        self._value: Any = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(function,), name="hcs-dask-cluster-start",
+                                        daemon=True)
+        self._thread.start()
+
+    def _run(self, function: Any) -> None:
+        try:
+            self._value = function()
+        except BaseException as error:  # handed to the waiting thread
+            self._error = error
+
+    def wait(self) -> None:
+        self._thread.join()
+
+    def result(self) -> Any:
+        """The function's value, once it has returned; its exception, raised here."""
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        return self._value
+
+
 def _text(error: BaseException) -> str:
     try:
         return str(error)

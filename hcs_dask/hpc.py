@@ -28,6 +28,7 @@ import dask
 import yaml
 
 from hcs_dask.cluster import ClusterError, ClusterOptionError
+from hcs_dask.options import HPC_KINDS
 
 if TYPE_CHECKING:
     from distributed import Client
@@ -46,7 +47,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 #: The batch systems, as ``--cluster`` names them.
-HPC_KINDS = ("slurm", "pbs", "lsf", "sge")
 _CLASSES = {"slurm": "SLURMCluster", "pbs": "PBSCluster", "lsf": "LSFCluster", "sge": "SGECluster"}
 _SYSTEM_NAMES = {"slurm": "SLURM", "pbs": "PBS", "lsf": "LSF", "sge": "SGE"}
 

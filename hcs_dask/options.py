@@ -22,12 +22,16 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, Mapping
 
-__all__ = ["ClusterSpec", "MIN_WORKER_MEMORY", "OptionError", "RunPolicy", "split_options"]
+__all__ = ["ClusterSpec", "HPC_KINDS", "MIN_WORKER_MEMORY", "OptionError", "RunPolicy", "split_options"]
 
 #: The smallest per-worker memory limit of an embedded cluster. A worker process with
 #: distributed, NumPy and zarr imported takes about 150 MiB before any well; below this
 #: the nanny would restart it as soon as it starts, again and again.
 MIN_WORKER_MEMORY = 256 * 2**20
+
+#: The batch systems ``cluster=`` reaches through dask-jobqueue (:mod:`hcs_dask.hpc`); here, where
+#: the command line can read them without importing Dask.
+HPC_KINDS = ("slurm", "pbs", "lsf", "sge")
 
 
 class OptionError(ValueError):

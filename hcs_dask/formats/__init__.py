@@ -18,7 +18,6 @@ from typing import Callable, NamedTuple
 from hcs_dask.formats import cellvoyager, imagexpress, omezarr, operaphenix
 from hcs_dask.formats._errors import PlateError, PlateWarning
 from hcs_dask.formats._sources import ImageReadError, read_sources, source_formats
-from hcs_dask.formats.synthetic import write_synthetic_plate
 from hcs_dask.plate import Plate
 
 __all__ = [
@@ -31,6 +30,15 @@ __all__ = [
     "source_formats",
     "write_synthetic_plate",
 ]
+
+def __getattr__(name: str):
+    # The synthetic writer (and SciPy with it) is imported when a plate is written, not with the readers.
+    if name == "write_synthetic_plate":
+        from hcs_dask.formats.synthetic import write_synthetic_plate
+
+        return write_synthetic_plate
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 #: How many TIFF names of an unknown folder are listed when no layout claims it.
 _SHOWN_UNKNOWN = 3

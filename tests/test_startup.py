@@ -1,0 +1,60 @@
+"""Start-up: ``import hcs_dask`` and ``hcs-dask --help`` import no Dask, zarr, ome-zarr, pandas or
+matplotlib; the public names still resolve; the user's MALLOC_TRIM_THRESHOLD_ is read at package
+import, before any nanny of the process can write it.
+
+Each check runs in a fresh interpreter, where ``sys.modules`` shows what an import pulled in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+import hcs_dask
+
+HEAVY = ("dask", "distributed", "zarr", "ome_zarr", "pandas", "matplotlib", "scipy", "tifffile", "numpy")
+
+
+def _fresh(code: str, **environ: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_TRIM_THRESHOLD_"} | environ
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_import_hcs_dask_imports_none_of_the_heavy_libraries():
+    loaded = _fresh(f"import json, sys; import hcs_dask; print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))")
+    assert loaded == []
+
+
+def test_help_imports_none_of_the_heavy_libraries():
+    code = (f"import json, sys\nfrom hcs_dask.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+            f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]))")
+    assert _fresh(code) == []
+
+
+@pytest.mark.parametrize("name", hcs_dask.__all__)
+def test_every_public_name_resolves(name):
+    value = getattr(hcs_dask, name)
+    assert getattr(value, "__name__", name) == name
+    assert name in dir(hcs_dask)
+
+
+def test_submodules_and_unknown_names():
+    assert hcs_dask.cluster.__name__ == "hcs_dask.cluster"
+    with pytest.raises(AttributeError, match="no attribute 'not_a_name'"):
+        hcs_dask.not_a_name  # noqa: B018
+
+
+@pytest.mark.parametrize("user_value", [None, "131072"], ids=["unset", "user-set"])
+def test_malloc_trim_setting_is_read_at_package_import(user_value):
+    # A nanny started after `import hcs_dask` writes the variable into os.environ; the
+    # reading must still say what the user had, however late hcs_dask.cluster is imported.
+    code = ("import json, os\nimport hcs_dask\nos.environ['MALLOC_TRIM_THRESHOLD_'] = '65536'\n"
+            "import hcs_dask.cluster\nprint(json.dumps(hcs_dask.cluster._USER_SET_MALLOC_TRIM))")
+    environ = {} if user_value is None else {"MALLOC_TRIM_THRESHOLD_": user_value}
+    assert _fresh(code, **environ) is (user_value is not None)
