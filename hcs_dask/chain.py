@@ -22,7 +22,7 @@ from hcs_dask.memory import backend
 from hcs_dask.memory.convert import ConversionCounter, to_array_type, to_host
 from hcs_dask.pipeline import REDUCED, Pipeline, Step, StepContext
 from hcs_dask.plate import AXES, ImageKey
-from hcs_dask.store import FieldLayout, FieldWriter, pyramid_levels
+from hcs_dask.store import WRITE_BATCH_BYTES, FieldLayout, FieldWriter, pyramid_levels, write_fields
 
 __all__ = ["Coord", "ImageReadError", "StepError", "WellChain"]
 
@@ -210,6 +210,10 @@ class WellChain:
         by_site: dict[int, list[Coord]] = {}
         for coord in state:
             by_site.setdefault(coord[_SITE], []).append(coord)
+        # Small fields go to the store together (one call into zarr); large ones one by one,
+        # so that no more than a batch of output is held besides the scope.
+        pending: list[tuple[FieldWriter, tuple[slice, ...], np.ndarray]] = []
+        held = 0
         for site, coords in sorted(by_site.items()):
             extents = {name: sorted({c[i] for c in coords}) for name, i in _OUTPUT_AXES}
             writer = self.writers.get(site)
@@ -253,7 +257,13 @@ class WellChain:
             if "t" not in writer.layout.axes:
                 index_by_axis = index_by_axis[1:]
                 block = block[0]
-            writer.write(tuple(index_by_axis), block)
+            pending.append((writer, tuple(index_by_axis), block))
+            held += block.nbytes
+            if held >= WRITE_BATCH_BYTES:
+                write_fields(pending)
+                pending, held = [], 0
+            del block
+        write_fields(pending)
 
     def _channel_planes(self, site: int, values: dict[str, list[int]],
                         position: dict[tuple[int, ...], Coord]) -> tuple[tuple[int, ...], ...] | None:

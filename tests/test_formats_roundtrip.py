@@ -64,8 +64,8 @@ def check_positions(output: Path, plate) -> None:
 
 @pytest.mark.parametrize("plate_format", VENDOR_FORMATS)
 def test_round_trip(tmp_path: Path, client, plate_format: str) -> None:
-    # 128 px: two pyramid levels, so the translation of a coarser level is checked too.
-    folder = write_synthetic_plate(tmp_path / plate_format, wells=2, sites=2, channels=2, z=2, size=128, seed=1,
+    # 512 px: two pyramid levels (store.pyramid_levels), so the translation of a coarser level is checked too.
+    folder = write_synthetic_plate(tmp_path / plate_format, wells=2, sites=2, channels=2, z=2, size=512, seed=1,
                                    format=plate_format)
     plate = open_plate(folder)
     assert plate.format == plate_format

@@ -14,12 +14,14 @@ spent outside the pipeline (``bench/io.py``, ``bench/scaling.py``).
 
 from hcs_dask.store._files import FORMAT
 from hcs_dask.store.commit import commit_well, reset_well
-from hcs_dask.store.field import CHUNK_YX, FieldLayout, FieldWriter, downsample, pyramid_levels
+from hcs_dask.store.field import (CHUNK_YX, WRITE_BATCH_BYTES, FieldLayout, FieldWriter, downsample,
+                                  pyramid_levels, write_fields)
 from hcs_dask.store.layout import OutputError, check_output, create_plate_layout, measurements_path
 from hcs_dask.store.manifest import Manifest
 
 __all__ = [
     "CHUNK_YX",
+    "WRITE_BATCH_BYTES",
     "FORMAT",
     "FieldLayout",
     "FieldWriter",
@@ -32,4 +34,5 @@ __all__ = [
     "measurements_path",
     "pyramid_levels",
     "reset_well",
+    "write_fields",
 ]

@@ -1,12 +1,17 @@
 """One field's multiscale image: its group, level arrays and metadata, written by its well's task.
 
 Arrays are plain zarr v3 arrays with one shard per field level, so a field's level is a
-single file on disk however many chunks it has.
+single file on disk however many chunks it has. A field written whole (every well without
+sequential axes) has each level's shard encoded by the array's own codecs, all levels in one
+call into zarr, and written as one file: no read-before-write of the shard, no round trip
+per level.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import os
 import shutil
 from dataclasses import dataclass
 from functools import lru_cache
@@ -15,21 +20,34 @@ from typing import Any, Sequence
 
 import numpy as np
 import zarr
-from ome_zarr.writer import write_multiscales_metadata
+from zarr.buffer import default_buffer_prototype
+from zarr.core.sync import sync
 
 from hcs_dask.store._files import FORMAT, metadata_files, write_file
 
-__all__ = ["CHUNK_YX", "FieldLayout", "FieldWriter", "downsample", "pyramid_levels"]
+__all__ = ["CHUNK_YX", "FieldLayout", "FieldWriter", "WRITE_BATCH_BYTES", "downsample", "pyramid_levels",
+           "write_fields"]
 
 #: Chunk edge in y and x; a field level is one shard holding these chunks.
 CHUNK_YX = 256
 
 
-def pyramid_levels(shape_yx: Sequence[int], *, max_levels: int = 3, min_size: int = 64) -> int:
-    """How many 2× levels to write: at most ``max_levels``, none smaller than ``min_size``."""
-    levels = 1
-    while levels < max_levels and min(shape_yx) // 2**levels >= min_size:
-        levels += 1
+def pyramid_levels(shape_yx: Sequence[int], *, chunk: int = CHUNK_YX, min_size: int = 32) -> int:
+    """How many levels to write: full resolution, then 2× halvings until a level fits one chunk.
+
+    The smallest level is what a plate viewer loads for every field of a plate overview;
+    once it is a single chunk (``chunk`` px or less along both edges) a further level saves a
+    viewer nothing. An image that fits one chunk gets one level. No level's shorter edge goes
+    below ``min_size``.
+
+    Examples
+    --------
+    >>> [pyramid_levels((n, n)) for n in (128, 256, 512, 1024, 2048, 2160)]
+    [1, 1, 2, 3, 4, 5]
+    """
+    levels, y, x = 1, int(shape_yx[0]), int(shape_yx[1])
+    while max(y, x) > chunk and min(y, x) // 2 >= min_size:
+        y, x, levels = y // 2, x // 2, levels + 1
     return levels
 
 
@@ -99,13 +117,63 @@ class FieldWriter:
 
     def write(self, index: tuple[int | slice, ...], data: np.ndarray) -> None:
         """Write ``data`` (covering full y and x) at ``index`` over the leading axes, every level."""
-        if self._arrays is None:
-            self.create()
-        assert self._arrays is not None
-        for level, array in enumerate(self._arrays):
+        write_fields([(self, index, data)])
+
+
+#: Bytes of field data that :func:`write_fields` callers gather before a call (a well's small
+#: fields go in one call; a large field alone is a call of its own).
+WRITE_BATCH_BYTES = 64 * 2**20
+
+
+def write_fields(writes: Sequence[tuple[FieldWriter, tuple[int | slice, ...], np.ndarray]]) -> None:
+    """Write ``(writer, index, data)`` regions, every level of each (:meth:`FieldWriter.write`, several at once).
+
+    Fields written whole have each level's shard encoded by the array's own codecs, all of
+    them in one call into zarr, and written as one file each; a region of a field (one
+    sequential combination) goes through zarr, which merges it into the existing shard.
+    """
+    whole: list[tuple[FieldWriter, zarr.Array, np.ndarray]] = []
+    for writer, index, data in writes:
+        if writer._arrays is None:
+            writer.create()
+        assert writer._arrays is not None
+        levels = []
+        for level, array in enumerate(writer._arrays):
             if level:
                 data = downsample(data)
-            array[index] = data[..., : array.shape[-2], : array.shape[-1]]
+            levels.append(data[..., : array.shape[-2], : array.shape[-1]])
+        if all(i == slice(None) for i in index) and tuple(data.shape[:-2]) == tuple(writer.layout.shape[:-2]):
+            whole += [(writer, array, level_data) for array, level_data in zip(writer._arrays, levels)]
+        else:
+            for array, level_data in zip(writer._arrays, levels):
+                array[index] = level_data
+    if not whole:
+        return
+    shards = sync(_encode_whole([(array, data) for _, array, data in whole]))
+    for (writer, array, _), shard in zip(whole, shards):
+        if shard is None:  # every chunk is the fill value: zarr writes no shard either
+            continue
+        path = writer.output / array.path / array.metadata.encode_chunk_key((0,) * array.ndim)
+        os.makedirs(path.parent, exist_ok=True)
+        write_file(path, shard)
+
+
+async def _encode_whole(levels: Sequence[tuple[zarr.Array, np.ndarray]]) -> list[bytes | None]:
+    """Each level array's single shard, holding all of its data, encoded by the array's own codec
+    pipeline; None for a shard with nothing but the fill value."""
+    prototype = default_buffer_prototype()
+
+    async def encode(array: zarr.Array, data: np.ndarray) -> bytes | None:
+        spec = array.metadata.get_chunk_spec((0,) * array.ndim, array.async_array.config, prototype)
+        if tuple(spec.shape) != data.shape:  # the shard reaches past the array's edge: fill value there
+            padded = np.full(spec.shape, array.fill_value, dtype=data.dtype)
+            padded[tuple(slice(0, n) for n in data.shape)] = data
+            data = padded
+        [encoded] = await array.async_array.codec_pipeline.encode(
+            [(prototype.nd_buffer.from_numpy_array(np.ascontiguousarray(data)), spec)])
+        return None if encoded is None else encoded.to_bytes()
+
+    return await asyncio.gather(*(encode(array, data) for array, data in levels))
 
 
 @lru_cache(maxsize=64)
@@ -146,6 +214,8 @@ def _field_template(layout: FieldLayout) -> tuple[dict[str, bytes], tuple[Any, .
             name="",
             metadata={"omero": _omero(layout.channel_names)},
         )
+
+    from ome_zarr.writer import write_multiscales_metadata  # ome-zarr (and Dask with it) where it is used
 
     files = metadata_files(build)
     return files, tuple(array.metadata for array in arrays)

@@ -1,0 +1,71 @@
+"""The write path of a field: written whole, each level is its ``zarr.json`` plus one shard file, with
+the bytes zarr itself writes; regions (sequential combinations) still merge into the shard; the
+number of levels follows the image size."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from hcs_dask.store import FieldLayout, FieldWriter, downsample, pyramid_levels, write_fields
+
+
+def _layout(shape: tuple[int, ...], dtype: str) -> FieldLayout:
+    return FieldLayout(axes=("c", "z", "y", "x"), shape=shape, dtype=dtype, channel_names=("a", "b")[: shape[0]],
+                       pixel_size_um=(0.65, 0.65), z_step_um=None, levels=pyramid_levels(shape[-2:]))
+
+
+def _files(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize(("shape", "dtype"), [((2, 1, 128, 128), "float32"), ((2, 3, 300, 200), "uint16"),
+                                              ((1, 1, 600, 520), "float32")],
+                         ids=["one-level", "shard-past-the-edge", "three-levels"])
+def test_a_whole_field_is_what_zarr_writes_one_file_per_level(tmp_path, shape, dtype):
+    data = (np.random.default_rng(0).random(shape) * 1000).astype(dtype)
+    layout = _layout(shape, dtype)
+    ours, theirs = tmp_path / "ours", tmp_path / "zarr"
+    FieldWriter(ours, "A/1/0", layout).write((slice(None), slice(None)), data)
+    reference = FieldWriter(theirs, "A/1/0", layout)
+    reference.create()
+    level = data
+    for index, array in enumerate(reference._arrays):  # zarr's own write of each level
+        level = downsample(level) if index else level
+        array[...] = level[..., : array.shape[-2], : array.shape[-1]]
+    assert _files(ours) == _files(theirs)
+    shards = [p for p in (ours / "A/1/0").rglob("*") if p.is_file() and p.name != "zarr.json"]
+    assert len(shards) == layout.levels
+    assert np.array_equal(zarr.open_group(ours / "A/1/0", mode="r")["0"][...], data)
+
+
+def test_regions_of_a_field_and_several_fields_in_one_call(tmp_path):
+    layout = FieldLayout(axes=("t", "c", "z", "y", "x"), shape=(3, 2, 1, 64, 64), dtype="uint16",
+                         channel_names=("a", "b"), pixel_size_um=None, z_step_um=None, levels=1)
+    data = np.arange(3 * 2 * 64 * 64, dtype="uint16").reshape(3, 2, 1, 64, 64)
+    timepoints = FieldWriter(tmp_path, "A/1/0", layout)
+    for t in range(3):  # one sequential combination at a time
+        timepoints.write((slice(t, t + 1), slice(None), slice(None)), data[t : t + 1])
+    whole = _layout((2, 1, 64, 64), "uint16")
+    others = [FieldWriter(tmp_path, f"A/1/{i}", whole) for i in (1, 2)]
+    write_fields([(writer, (slice(None), slice(None)), data[0] + i) for i, writer in enumerate(others)])
+    assert np.array_equal(zarr.open_group(tmp_path / "A/1/0", mode="r")["0"][...], data)
+    for i in (0, 1):
+        assert np.array_equal(zarr.open_group(tmp_path / f"A/1/{i + 1}", mode="r")["0"][...], data[0] + i)
+
+
+def test_a_field_of_fill_values_writes_no_shard_and_reads_back(tmp_path):
+    layout = _layout((1, 1, 64, 64), "uint16")
+    FieldWriter(tmp_path, "A/1/0", layout).write((slice(None), slice(None)), np.zeros((1, 1, 64, 64), "uint16"))
+    assert sorted(p.name for p in (tmp_path / "A/1/0").rglob("*") if p.is_file()) == ["zarr.json", "zarr.json"]
+    assert not zarr.open_group(tmp_path / "A/1/0", mode="r")["0"][...].any()
+
+
+@pytest.mark.parametrize(("edges", "levels"), [((64, 64), 1), ((256, 256), 1), ((257, 100), 2), ((1080, 1080), 4),
+                                               ((2160, 2560), 5), ((40, 4000), 1)])
+def test_levels_follow_the_image_size(edges, levels):
+    assert pyramid_levels(edges) == levels
