@@ -5,10 +5,14 @@ sent to the group (a notebook's stop button, Ctrl-C in a terminal) would reach t
 and print ``KeyboardInterrupt`` tracebacks from inside the wells. The run's client
 cancels the run cleanly instead; the workers ignore SIGINT and end when their cluster
 is closed.
+
+Each worker also imports the well task's modules (zarr, ome-zarr, the readers) as it starts,
+while the client scans and compiles the plate, instead of in its first well.
 """
 
 from __future__ import annotations
 
+import importlib
 import signal
 from typing import Any
 
@@ -16,8 +20,10 @@ __all__ = ["dask_setup"]
 
 
 def dask_setup(worker: Any) -> None:
-    """Ignore SIGINT in this worker process (runs in its main thread, before it takes tasks)."""
+    """Ignore SIGINT in this worker process and import :mod:`hcs_dask.guard` (runs in its main
+    thread, before it takes tasks)."""
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     except ValueError:  # not the main thread: nothing can be done here
         pass
+    importlib.import_module("hcs_dask.guard")

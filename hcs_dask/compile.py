@@ -14,10 +14,11 @@ from pathlib import Path
 from hcs_dask.fingerprint import pipeline_difference, pipeline_record
 from hcs_dask.pipeline import Pipeline, PipelineError
 from hcs_dask.plate import AXES, Plate, Well
-from hcs_dask.store import Manifest, check_output, create_plate_layout, measurements_path
+from hcs_dask.store import (Manifest, PreparedLayout, check_output, create_plate_layout, measurements_path,
+                            prepare_plate_layout)
 
 __all__ = ["CompileError", "PlateGraph", "ResumeError", "WELL_TASK_PREFIX", "WellPlan", "check_plate",
-           "check_sequential", "compile_plate", "write_output"]
+           "check_sequential", "compile_plate", "prepare_output", "write_output"]
 
 
 class CompileError(ValueError):
@@ -202,6 +203,11 @@ def compile_plate(
 def write_output(graph: PlateGraph, *, overwrite: bool = False) -> None:
     """Write a compiled plate's output layout (plate, row and well groups, the run's manifest), once."""
     create_plate_layout(graph.output, graph.plate, overwrite=overwrite, run_info=graph.run_info or None)
+
+
+def prepare_output(graph: PlateGraph, *, overwrite: bool = False) -> PreparedLayout:
+    """:func:`write_output` up to its last step: the layout is flushed but hidden until ``publish()``."""
+    return prepare_plate_layout(graph.output, graph.plate, overwrite=overwrite, run_info=graph.run_info or None)
 
 
 def _check_apart(plate: Plate, output: Path) -> None:

@@ -43,7 +43,7 @@ from typing import Any
 import cloudpickle
 
 from hcs_dask.cluster import ClusterError, check_cluster, connect
-from hcs_dask.compile import PlateGraph, WellPlan, compile_plate, write_output
+from hcs_dask.compile import PlateGraph, WellPlan, compile_plate, prepare_output
 from hcs_dask.guard import cancel_run, run_well
 from hcs_dask.options import ClusterSpec, RunPolicy, split_options
 from hcs_dask.pipeline import Pipeline, load_pipeline
@@ -167,8 +167,9 @@ def submit_plate(
     Returns as soon as the wells are handed to the cluster. Everything that can be
     checked before a pixel is read (the plate, the pipeline, the options, the output
     path, the cluster) is checked first; then nothing has been written if it fails.
-    An embedded cluster starts on a thread of its own while the plate is scanned and
-    compiled here, and is closed again when they fail.
+    An embedded cluster starts on a thread of its own while the plate is scanned, compiled
+    and its layout written (hidden until the cluster is up) here, and is closed again when
+    they fail.
 
     Parameters
     ----------
@@ -212,8 +213,9 @@ def submit_plate(
 
         open_plate(plate)  # its PlateError names the path, before any cluster starts
     owned = ExitStack()
-    # The cluster starts while this thread scans the plate and compiles it; a plate that
-    # cannot run closes it again. Nothing is written before both are done.
+    # The cluster starts while this thread scans the plate, compiles it and writes its layout
+    # out of sight; a plate that cannot run closes the cluster again, and the layout appears
+    # only once the cluster is up.
     starting = _Background(lambda: owned.enter_context(connect(
         client=spec.client, scheduler=spec.scheduler, n_workers=spec.n_workers,
         threads_per_worker=spec.threads_per_worker, memory_limit=spec.memory_limit,
@@ -223,12 +225,12 @@ def submit_plate(
             from hcs_dask.formats import open_plate
 
             plate = open_plate(plate)
-        # Plans only: the output is written once the cluster is there, so that a cluster that
-        # cannot be reached leaves nothing behind.
         graph = compile_plate(plate, pipeline, output, overwrite=policy.overwrite, resume=policy.resume,
                               write_layout=False, manifest=policy.manifest, fsync=policy.fsync)
         # Pickled afresh for every submission: the workers run the code as it is now.
         blob = cloudpickle.dumps(pipeline)
+        # Flushed in a hidden sibling folder: a cluster that cannot be reached leaves nothing behind.
+        layout = None if policy.resume else prepare_output(graph, overwrite=policy.overwrite)
     except BaseException:
         starting.wait()
         owned.close()
@@ -244,10 +246,12 @@ def submit_plate(
 
             facts = check_cluster_ready(active, pipeline=pipeline, output=graph.output)
             logger.info("plate %s: %s", plate.name, facts.assumes())
-        if not policy.resume:
-            write_output(graph, overwrite=policy.overwrite)
+        if layout is not None:
+            layout.publish()
         driver = _Driver(graph, active, policy, blob, owned)
     except BaseException:
+        if layout is not None:
+            layout.discard()  # nothing, once published
         owned.close()
         raise
     if progress:

@@ -69,3 +69,32 @@ def test_a_field_of_fill_values_writes_no_shard_and_reads_back(tmp_path):
                                                ((2160, 2560), 5), ((40, 4000), 1)])
 def test_levels_follow_the_image_size(edges, levels):
     assert pyramid_levels(edges) == levels
+
+
+def test_a_cluster_that_cannot_be_reached_leaves_no_layout_behind(tmp_path, synthetic_source):
+    # The layout is prepared while the cluster starts; it must vanish, hidden sibling included.
+    import dask
+
+    from hcs_dask import run_plate
+    from hcs_dask.cluster import ClusterError
+
+    output = tmp_path / "out.ome.zarr"
+    with dask.config.set({"distributed.comm.timeouts.connect": "2s"}), pytest.raises(ClusterError):
+        run_plate(synthetic_source, "max_projection", output, scheduler="tcp://127.0.0.1:9", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+def test_a_prepared_layout_is_hidden_until_published_and_discard_leaves_the_old_store(tmp_path, synthetic_source):
+    from hcs_dask import open_plate
+    from hcs_dask.store import create_plate_layout, prepare_plate_layout
+
+    plate = open_plate(synthetic_source)
+    output = create_plate_layout(tmp_path / "out.ome.zarr", plate)
+    before = _files(output)
+    prepared = prepare_plate_layout(output, plate, overwrite=True, run_info={"plate": plate.name})
+    assert _files(output) == before and prepared.building.is_dir()
+    prepared.discard()
+    assert _files(output) == before and sorted(p.name for p in tmp_path.iterdir()) == ["out.ome.zarr"]
+    prepare_plate_layout(output, plate, overwrite=True, run_info={"plate": plate.name}).publish()
+    assert (output / "hcs_dask" / "zarr.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out.ome.zarr"]

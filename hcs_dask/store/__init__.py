@@ -16,7 +16,8 @@ from hcs_dask.store._files import FORMAT
 from hcs_dask.store.commit import commit_well, reset_well
 from hcs_dask.store.field import (CHUNK_YX, WRITE_BATCH_BYTES, FieldLayout, FieldWriter, downsample,
                                   pyramid_levels, write_fields)
-from hcs_dask.store.layout import OutputError, check_output, create_plate_layout, measurements_path
+from hcs_dask.store.layout import (OutputError, PreparedLayout, check_output, create_plate_layout, measurements_path,
+                                   prepare_plate_layout)
 from hcs_dask.store.manifest import Manifest
 
 __all__ = [
@@ -27,11 +28,13 @@ __all__ = [
     "FieldWriter",
     "Manifest",
     "OutputError",
+    "PreparedLayout",
     "check_output",
     "commit_well",
     "create_plate_layout",
     "downsample",
     "measurements_path",
+    "prepare_plate_layout",
     "pyramid_levels",
     "reset_well",
     "write_fields",

@@ -19,7 +19,8 @@ from hcs_dask.store._files import FORMAT, fsync_path, fsync_paths, metadata_file
 from hcs_dask.store.commit import well_document
 from hcs_dask.store.manifest import Manifest
 
-__all__ = ["OutputError", "check_output", "create_plate_layout", "measurements_path"]
+__all__ = ["OutputError", "PreparedLayout", "check_output", "create_plate_layout", "measurements_path",
+           "prepare_plate_layout"]
 
 
 class OutputError(ValueError):
@@ -70,6 +71,8 @@ def create_plate_layout(output: str | Path, plate: Plate, *, overwrite: bool = F
                         run_info: dict | None = None) -> Path:
     """Write the plate, row and well groups (and the manifest) once, on the client.
 
+    :func:`prepare_plate_layout`, then :meth:`PreparedLayout.publish`.
+
     The field groups below each well are the well task's to write. Every well starts with
     the same document (no images), so it is made once and copied. Everything is written into
     a hidden sibling folder, flushed to disk (files and folders) and renamed to ``output``, and
@@ -92,6 +95,65 @@ def create_plate_layout(output: str | Path, plate: Plate, *, overwrite: bool = F
     -------
     Path
         ``output``, absolute.
+
+    Raises
+    ------
+    OutputError
+        From :func:`check_output`, before anything is written.
+    """
+    return prepare_plate_layout(output, plate, overwrite=overwrite, run_info=run_info).publish()
+
+
+class PreparedLayout:
+    """A plate layout written and flushed in a hidden sibling of its output, not yet in place.
+
+    :meth:`publish` renames it into place (replacing an existing store where ``overwrite``);
+    :meth:`discard` removes it, leaving the output as it was.
+    """
+
+    def __init__(self, output: Path, building: Path, overwrite: bool) -> None:
+        self.output = output
+        self.building = building
+        self.overwrite = overwrite
+
+    def publish(self) -> Path:
+        """Rename the layout to its output (atomically; the parent folder flushed after); returns it."""
+        output, building = self.output, self.building
+        replaced = _sibling(output, "replaced", os.getpid()) if output.exists() else None
+        if replaced is not None and not self.overwrite:
+            self.discard()
+            check_output(output, overwrite=False)  # raises: it appeared since the layout was prepared
+        try:
+            if replaced is not None:
+                if replaced.exists():
+                    shutil.rmtree(replaced)
+                os.rename(output, replaced)
+            try:
+                os.rename(building, output)
+            except BaseException:
+                if replaced is not None:
+                    os.rename(replaced, output)
+                raise
+        except BaseException:
+            self.discard()
+            raise
+        fsync_path(output.parent)
+        if replaced is not None:
+            shutil.rmtree(replaced)
+        _remove_leftovers(output)
+        return output
+
+    def discard(self) -> None:
+        """Remove the prepared layout; the output is left as it was."""
+        shutil.rmtree(self.building, ignore_errors=True)
+
+
+def prepare_plate_layout(output: str | Path, plate: Plate, *, overwrite: bool = False,
+                         run_info: dict | None = None) -> PreparedLayout:
+    """Write and flush a plate's layout (as :func:`create_plate_layout`) in a hidden sibling of ``output``.
+
+    Nothing is visible at ``output`` until :meth:`PreparedLayout.publish`, so a layout can be
+    prepared while a cluster starts and dropped (:meth:`PreparedLayout.discard`) if it does not.
 
     Raises
     ------
@@ -126,30 +188,15 @@ def create_plate_layout(output: str | Path, plate: Plate, *, overwrite: bool = F
         while folder not in folders:
             folders.add(folder)
             folder = folder.parent
-    replaced = _sibling(output, "replaced", os.getpid()) if output.exists() else None
     try:
         for folder in sorted(folders, key=lambda path: len(path.parts)):
             folder.mkdir()
         write_files({building / key: data for key, data in files.items()}, durable=True)
         fsync_paths(folders)
-        if replaced is not None:
-            if replaced.exists():
-                shutil.rmtree(replaced)
-            os.rename(output, replaced)
-        try:
-            os.rename(building, output)
-        except BaseException:
-            if replaced is not None:
-                os.rename(replaced, output)
-            raise
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
-    fsync_path(output.parent)
-    if replaced is not None:
-        shutil.rmtree(replaced)
-    _remove_leftovers(output)
-    return output
+    return PreparedLayout(output, building, overwrite)
 
 
 def _remove_leftovers(output: Path) -> None:
