@@ -35,19 +35,26 @@ def _fail_input(error: Exception) -> None:
 def _report(result: PlateResult, summary: str | None) -> None:
     counts = ", ".join(f"{n} {status}" for status, n in result.counts().items())
     click.echo(f"plate {result.plate}: {len(result.wells)} wells: {counts} ({result.seconds:.1f} s)")
+    if result.mixed:
+        click.echo(f"  {result.mixed_text()}")
+    if result.stopped:
+        click.echo(f"  stopped early: {result.stopped}", err=True)
     for failure in result.failures():
         where = f" in step {failure.step!r}" if failure.step else ""
-        click.echo(f"  {failure.well}: {failure.status}{where}: {failure.error_type}: {failure.error}", err=True)
+        what = f"{failure.error_type}: {failure.error}" if failure.error_type else (failure.error or failure.cause)
+        click.echo(f"  {failure.well}: {failure.status}{where}: {what}", err=True)
     click.echo(f"output: {result.output}")
     if result.measurements_path:
         click.echo(f"measurements: {result.measurements_path}")
+    if result.tables:
+        click.echo(f"tables in the store: {', '.join(result.tables)}")
     if summary:
         result.write_summary(summary)
         click.echo(f"summary: {summary}")
 
 
 def _run(graph: str, plate_path: str, output: str, *, device: str, summary: str | None,
-         **options: object) -> PlateResult:
+         wells: str | None = None, **options: object) -> PlateResult:
     from hcs_dask.driver import run_plate
 
     try:
@@ -55,6 +62,11 @@ def _run(graph: str, plate_path: str, output: str, *, device: str, summary: str 
         graph_options = {"device": device} if device != "cpu" else {}
         pipeline = load_pipeline(graph, **graph_options)
         plate = open_plate(plate_path)
+        if wells:
+            try:
+                plate = plate.select([w.strip() for w in wells.split(",") if w.strip()])
+            except (KeyError, ValueError) as error:
+                raise OptionError(f"--wells {wells}: {error.args[0]}") from None
         result = run_plate(plate, pipeline, output, **options)
     except INPUT_ERRORS as error:
         _fail_input(error)
@@ -112,18 +124,32 @@ def main() -> None:
 @click.option("--rmm-reinitialize-pool", is_flag=True,
               help="--cluster cuda --rmm-pool-size: re-create the pool after every well, giving back what "
                    "it grew by.")
+@click.option("--wells", default=None, help="Run only these wells, e.g. A01,B03.")
+@click.option("--skip-incomplete", is_flag=True,
+              help="Run the wells that have every image; record the others 'skipped' (else a plate with gaps "
+                   "is refused).")
+@click.option("--accept-changed-pipeline", is_flag=True,
+              help="With --resume: accept a pipeline that differs from the earlier run's; the plate then holds "
+                   "wells of both, and each well's record names its pipeline.")
+@click.option("--max-failures", type=int, default=5, show_default=True,
+              help="Stop starting wells when the first N to end all failed in the same step (0: never stop).")
+@click.option("--table-format", type=click.Choice(["csv", "parquet"]), default="csv", show_default=True,
+              help="The measurement table beside the store, and the backend of the tables inside it.")
 def run(graph: str, plate: str, output: str, workers: int | None, threads_per_worker: int,
         scheduler: str | None, device: str, summary: str | None, overwrite: bool, resume: bool,
         well_timeout: float | None, memory_limit: str, worker_death_retries: int, stall_timeout: float,
-        cluster: str, **rmm_options: object) -> None:
+        cluster: str, wells: str | None, skip_incomplete: bool, accept_changed_pipeline: bool,
+        max_failures: int, table_format: str, **rmm_options: object) -> None:
     """Run GRAPH (a pipeline file, or a bundled graph's name) on the PLATE folder."""
     # Only the RMM options given: flags left off are no options at all.
     given = {name: value for name, value in rmm_options.items() if value not in (None, False)}
-    result = _run(graph, plate, output, device=device, summary=summary, n_workers=workers,
+    result = _run(graph, plate, output, device=device, summary=summary, wells=wells, n_workers=workers,
                   threads_per_worker=threads_per_worker, scheduler=scheduler, overwrite=overwrite,
                   resume=resume, well_timeout=well_timeout, memory_limit=memory_limit,
                   worker_death_retries=worker_death_retries, stall_timeout=stall_timeout,
-                  cluster=cluster, cluster_options=given)
+                  cluster=cluster, cluster_options=given, skip_incomplete=skip_incomplete,
+                  accept_changed_pipeline=accept_changed_pipeline, max_failures=max_failures or None,
+                  table_format=table_format)
     sys.exit(0 if result.ok else 1)
 
 
@@ -169,7 +195,10 @@ def demo(directory: str, wells: int, workers: int | None) -> None:
 @click.argument("plate", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
 def inspect(plate: str, as_json: bool) -> None:
-    """Print PLATE's dimensions, channels, and missing images."""
+    """Print PLATE's dimensions, channels, and missing images; for an output store, its wells' status."""
+    if (Path(plate) / "zarr.json").is_file():
+        _inspect_store(plate, as_json)
+        return
     try:
         opened = open_plate(plate)
     except PlateError as error:
@@ -190,6 +219,21 @@ def inspect(plate: str, as_json: bool) -> None:
     for line in info["declared_missing"] + info["notes"]:
         click.echo(f"  {line}")
     if info["gaps"]:
+        sys.exit(1)
+
+
+def _inspect_store(output: str, as_json: bool) -> None:
+    """The status of the runs recorded in an output store (exit 1 if a well is not ok)."""
+    try:
+        result = PlateResult.load(output)
+    except OutputError as error:
+        _fail_input(error)
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in result.summary().items() if k != "wells"}
+                              | {"failures": [r.summary() for r in result.failures()]}, indent=2, default=str))
+    else:
+        _report(result, None)
+    if not result.ok:
         sys.exit(1)
 
 
