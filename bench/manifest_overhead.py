@@ -1,8 +1,9 @@
 """What the run manifest costs: a 96-well plate with ``manifest=True`` (the default) and without.
 
-The manifest is the per-well record in the store (``OUT/hcs_dask/wells/<well>.json``: written
-``running`` by the task, then its outcome, each an fsync'd atomic rename; read back by the
-client instead of transferring the result). ``run_plate(..., manifest=False)`` switches it off.
+The manifest is the per-well record in the store (the attributes of the zarr group
+``OUT/hcs_dask/wells/<well>/``: written ``running`` by the task, then its outcome, each an
+atomic rename, the outcome's flushed to disk with its folders; read back by the client instead
+of transferring the result). ``run_plate(..., manifest=False)`` switches it off.
 Both variants run alternately (``--repeats`` each, at least 2) on one embedded cluster that is
 started and warmed up first, on the anchor plate (4 sites × 2 channels × 3 z at 128 px,
 percentile normalisation + max projection). Prints each run, and the per-well overhead in ms

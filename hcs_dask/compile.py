@@ -82,7 +82,7 @@ class PlateGraph:
     plans: tuple[WellPlan, ...]
     #: On resume: the manifest records of the wells already ``ok``, which are not re-run.
     done: tuple[dict, ...] = ()
-    #: What the manifest's ``run.json`` records of this run (the plate's and pipeline's fingerprints).
+    #: What the manifest records of this run (``hcs_dask/zarr.json``) (the plate's and pipeline's fingerprints).
     run_info: dict = field(default_factory=dict, compare=False)
     #: With ``skip_incomplete``: the records of the wells not run because they lack images.
     skipped: tuple[dict, ...] = ()
@@ -217,10 +217,8 @@ def compile_plate(
 
 
 def write_output(graph: PlateGraph, *, overwrite: bool = False) -> None:
-    """Write a compiled plate's output layout (plate, row and well groups) and its run record, once."""
-    create_plate_layout(graph.output, graph.plate, overwrite=overwrite)
-    if graph.run_info:
-        Manifest(graph.output).write_run(graph.run_info)
+    """Write a compiled plate's output layout (plate, row and well groups, the run's manifest), once."""
+    create_plate_layout(graph.output, graph.plate, overwrite=overwrite, run_info=graph.run_info or None)
 
 
 def _plate_record(plate: Plate) -> dict:
@@ -238,7 +236,7 @@ def _check_resume(output: Path, fingerprints: dict, *, accept_changed: bool = Fa
     manifest = Manifest(output)
     earlier = manifest.read_run() if output.is_dir() else None
     if earlier is None:
-        raise ResumeError(f"{output}: no earlier hcs_dask run to resume (no {Manifest.FOLDER}/run.json)")
+        raise ResumeError(f"{output}: no earlier hcs_dask run to resume (no manifest in {Manifest.FOLDER}/)")
     if earlier.get("plate_fingerprint") != fingerprints["plate_fingerprint"]:
         raise ResumeError(
             f"{output}: cannot resume: the plate differs from the earlier run's "

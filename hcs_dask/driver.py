@@ -572,7 +572,12 @@ class _Driver:
                 result.started = result.started or entry.started
             result.finished = time.time()
             if self.manifest is not None:
-                self.manifest.write_well(result.record())
+                try:
+                    self.manifest.write_well(result.record())
+                except OSError as error:  # the record stays in the result; resume redoes the well
+                    logger.warning("well %s: its %s record could not be written to the manifest: %s",
+                                   result.well, result.status, error)
+                    result.error = f"{result.error or ''} (not recorded in the manifest: {error})".strip()
         with self.lock:
             self.results[result.well] = result
             for bar in self.bars:

@@ -89,7 +89,7 @@ __all__ = [
     "step_fingerprints",
 ]
 
-#: Recorded in ``run.json``: digests of another version are not comparable.
+#: Recorded in the run manifest (``hcs_dask/zarr.json``): digests of another version are not comparable.
 FINGERPRINT_VERSION = 2
 
 #: Hex characters kept of each SHA-256 digest.
@@ -523,7 +523,7 @@ def pipeline_fingerprint(pipeline: Pipeline) -> str:
 
 
 def pipeline_record(pipeline: Pipeline) -> dict[str, Any]:
-    """The pipeline's entries in a run's ``run.json``: digests of the pipeline and of each step.
+    """The pipeline's entries in a run's the run manifest (``hcs_dask/zarr.json``): digests of the pipeline and of each step.
 
     A pipeline that cannot be fingerprinted still runs: its record holds
     ``pipeline_fingerprint: None`` and the reason, and a resume of that run is refused.
@@ -561,7 +561,7 @@ def _step_change(name: str, index: int, earlier: dict, now: dict) -> str:
 def pipeline_difference(earlier: dict, now: dict) -> str | None:
     """Why the pipeline recorded in ``earlier`` is not the one in ``now``, or ``None`` if it is.
 
-    Both are ``run.json`` records as made by :func:`pipeline_record`. The sentence names
+    Both are the run manifest (``hcs_dask/zarr.json``) records as made by :func:`pipeline_record`. The sentence names
     the first step that differs, the steps added or removed, or the pipeline's name or
     sequential axes.
     """

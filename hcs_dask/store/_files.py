@@ -1,0 +1,86 @@
+"""Bytes to disk for every writer of the store: metadata documents, atomic writes, fsyncs."""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+import zarr
+from ome_zarr.format import FormatV05
+
+__all__ = ["FORMAT", "fsync_path", "fsync_paths", "group_document", "metadata_files", "write_file", "write_files"]
+
+FORMAT = FormatV05()
+
+
+def metadata_files(build: Callable[[zarr.Group], Any]) -> dict[str, bytes]:
+    """The ``zarr.json`` files zarr writes for ``build(group)`` run on an empty in-memory group.
+
+    Keys are store paths (``"zarr.json"``, ``"0/zarr.json"``, …); no chunk data is written.
+
+    Examples
+    --------
+    >>> sorted(metadata_files(lambda group: group.create_group("A")))
+    ['A/zarr.json', 'zarr.json']
+    """
+    files: dict[str, Any] = {}
+    build(zarr.open_group(zarr.storage.MemoryStore(files), mode="w", zarr_format=3))
+    return {key: buffer.to_bytes() for key, buffer in files.items()}
+
+
+def group_document(attributes: dict) -> bytes:
+    """A zarr v3 group's ``zarr.json`` with these attributes (values JSON-encoded, others as ``str``).
+
+    Examples
+    --------
+    >>> json.loads(group_document({"a": 1}))
+    {'zarr_format': 3, 'node_type': 'group', 'attributes': {'a': 1}}
+    """
+    return json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attributes}, default=str).encode()
+
+
+def write_file(path: Path, data: bytes, *, atomic: bool = False, durable: bool = False) -> None:
+    """Write ``data`` to ``path``.
+
+    ``atomic``: through a temporary file in the same folder and a rename, so a reader sees the
+    old file or the new one. ``durable``: the file is flushed to disk before that rename, and
+    (with ``atomic``) the folder after it, so that the rename itself survives a power cut.
+    """
+    target = path.with_name(f".{path.name}.{os.getpid()}.tmp") if atomic else path
+    with open(target, "wb") as handle:
+        handle.write(data)
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
+    if atomic:
+        os.replace(target, path)
+        if durable:
+            fsync_path(path.parent)
+
+
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's data, or a folder's entries, to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+#: fsync waits on the disk, not the CPU: a few threads flush many small files together.
+_FLUSHERS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hcs-dask-fsync")
+
+
+def fsync_paths(paths: Iterable[str | Path]) -> None:
+    """:func:`fsync_path` on every path, a few at a time; returns when all are on disk."""
+    for _ in _FLUSHERS.map(fsync_path, paths):
+        pass
+
+
+def write_files(files: dict[Path, bytes], *, durable: bool = False) -> None:
+    """:func:`write_file` (not atomic) for every path, a few at a time; ``durable``: each one flushed."""
+    for _ in _FLUSHERS.map(lambda item: write_file(item[0], item[1], durable=durable), files.items()):
+        pass

@@ -1,0 +1,162 @@
+"""One field's multiscale image: its group, level arrays and metadata, written by its well's task.
+
+Arrays are plain zarr v3 arrays with one shard per field level, so a field's level is a
+single file on disk however many chunks it has.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import zarr
+from ome_zarr.writer import write_multiscales_metadata
+
+from hcs_dask.store._files import FORMAT, metadata_files, write_file
+
+__all__ = ["CHUNK_YX", "FieldLayout", "FieldWriter", "downsample", "pyramid_levels"]
+
+#: Chunk edge in y and x; a field level is one shard holding these chunks.
+CHUNK_YX = 256
+
+
+def pyramid_levels(shape_yx: Sequence[int], *, max_levels: int = 3, min_size: int = 64) -> int:
+    """How many 2× levels to write: at most ``max_levels``, none smaller than ``min_size``."""
+    levels = 1
+    while levels < max_levels and min(shape_yx) // 2**levels >= min_size:
+        levels += 1
+    return levels
+
+
+def downsample(array: np.ndarray) -> np.ndarray:
+    """Halve the last two axes by 2×2 block mean, keeping the dtype."""
+    y, x = array.shape[-2] // 2 * 2, array.shape[-1] // 2 * 2
+    trimmed = array[..., :y, :x]
+    blocks = trimmed.reshape(*trimmed.shape[:-2], y // 2, 2, x // 2, 2)
+    if np.issubdtype(array.dtype, np.integer):
+        return np.round(blocks.mean(axis=(-3, -1))).astype(array.dtype)
+    return blocks.mean(axis=(-3, -1), dtype=np.float64).astype(array.dtype)
+
+
+@dataclass(frozen=True)
+class FieldLayout:
+    """Everything needed to create one field image, decided before pixels exist."""
+
+    axes: tuple[str, ...]            # e.g. ("c", "z", "y", "x") or ("t", "c", "z", "y", "x")
+    shape: tuple[int, ...]
+    dtype: str
+    channel_names: tuple[str, ...]
+    pixel_size_um: tuple[float, float] | None
+    z_step_um: float | None
+    levels: int
+
+
+class FieldWriter:
+    """Creates one field's multiscale image and writes regions of it (all levels at once)."""
+
+    def __init__(self, output: str | Path, path: str, layout: FieldLayout) -> None:
+        self.output = Path(output)
+        self.path = path
+        self.layout = layout
+        self._arrays: list[zarr.Array] | None = None
+
+    def create(self) -> None:
+        """Write the field's group and empty level arrays; metadata comes from :func:`_field_template`."""
+        files, metadata = _field_template(self.layout)
+        folder = self.output / self.path
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        group = json.loads(files["zarr.json"])
+        group["attributes"]["ome"]["multiscales"][0]["name"] = self.path
+        for key, data in files.items():
+            if key != "zarr.json":
+                (folder / key).parent.mkdir(exist_ok=True)
+                write_file(folder / key, data)
+        write_file(folder / "zarr.json", json.dumps(group, indent=2).encode())
+        store = zarr.storage.LocalStore(self.output)
+        # The arrays are opened from the metadata in hand, not read back from disk.
+        self._arrays = [
+            zarr.Array(zarr.AsyncArray(metadata=level, store_path=zarr.storage.StorePath(store, f"{self.path}/{i}")))
+            for i, level in enumerate(metadata)
+        ]
+
+    def write(self, index: tuple[int | slice, ...], data: np.ndarray) -> None:
+        """Write ``data`` (covering full y and x) at ``index`` over the leading axes, every level."""
+        if self._arrays is None:
+            self.create()
+        assert self._arrays is not None
+        for level, array in enumerate(self._arrays):
+            if level:
+                data = downsample(data)
+            array[index] = data[..., : array.shape[-2], : array.shape[-1]]
+
+
+@lru_cache(maxsize=64)
+def _field_template(layout: FieldLayout) -> tuple[dict[str, bytes], tuple[Any, ...]]:
+    """A field's ``zarr.json`` files (the multiscales name left empty) and its level arrays' metadata.
+
+    The wells of a plate share a handful of layouts, so each is built once per process.
+    """
+    arrays = []
+
+    def build(group: zarr.Group) -> None:
+        datasets = []
+        lead = layout.shape[:-2]
+        for level in range(layout.levels):
+            y = layout.shape[-2] // 2**level
+            x = layout.shape[-1] // 2**level
+            chunk_y, chunk_x = min(CHUNK_YX, y), min(CHUNK_YX, x)
+            # One shard holds the whole level; its edge must be a whole number of chunks
+            # (2160 px is not a multiple of 256), so it is rounded up past the array's edge.
+            arrays.append(group.create_array(
+                str(level),
+                shape=(*lead, y, x),
+                dtype=layout.dtype,
+                chunks=(*(1 for _ in lead), chunk_y, chunk_x),
+                shards=(*lead, -(-y // chunk_y) * chunk_y, -(-x // chunk_x) * chunk_x),
+                dimension_names=layout.axes,
+                fill_value=0,
+            ))
+            datasets.append({"path": str(level), "coordinateTransformations": [
+                {"type": "scale", "scale": _scale(layout, level)}]})
+        units = {a: "micrometer" for a in ("z", "y", "x") if a in layout.axes and _has_unit(layout, a)}
+        write_multiscales_metadata(
+            group,
+            datasets,
+            fmt=FORMAT,
+            axes=list(layout.axes),
+            axes_units=units or None,
+            name="",
+            metadata={"omero": _omero(layout.channel_names)},
+        )
+
+    files = metadata_files(build)
+    return files, tuple(array.metadata for array in arrays)
+
+
+def _has_unit(layout: FieldLayout, axis: str) -> bool:
+    if axis == "z":
+        return layout.z_step_um is not None
+    return layout.pixel_size_um is not None
+
+
+def _scale(layout: FieldLayout, level: int) -> list[float]:
+    py, px = layout.pixel_size_um or (1.0, 1.0)
+    scale = {"t": 1.0, "c": 1.0, "z": layout.z_step_um or 1.0, "y": py * 2**level, "x": px * 2**level}
+    return [float(scale[a]) for a in layout.axes]
+
+
+def _omero(channel_names: Sequence[str]) -> dict[str, Any]:
+    colors = ("0000FF", "00FF00", "FF0000", "FF00FF", "FFFF00", "00FFFF")
+    return {
+        "channels": [
+            {"label": name, "color": colors[i % len(colors)], "active": True}
+            for i, name in enumerate(channel_names)
+        ]
+    }

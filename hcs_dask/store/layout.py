@@ -1,0 +1,173 @@
+"""The plate's layout: the output path checked, and the plate, row and well groups written once.
+
+The layout is built in a hidden sibling folder, flushed to disk, and renamed into place, so a
+crash mid-layout leaves no plate at all rather than one that lists wells it lacks. With
+``overwrite``, the old store is moved aside just before that rename and removed after it.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+from pathlib import Path
+
+from ome_zarr.writer import write_plate_metadata
+
+from hcs_dask.plate import Plate
+from hcs_dask.store._files import FORMAT, fsync_path, fsync_paths, metadata_files, write_files
+from hcs_dask.store.commit import well_document
+from hcs_dask.store.manifest import Manifest
+
+__all__ = ["OutputError", "check_output", "create_plate_layout", "measurements_path"]
+
+
+class OutputError(ValueError):
+    """An output path that cannot be used (exists without overwrite, not a directory, …)."""
+
+
+def measurements_path(output: str | Path) -> Path:
+    """Where the measurement table of a plate store goes: ``X.ome.zarr`` → ``X.measurements.csv``.
+
+    Examples
+    --------
+    >>> measurements_path("/data/P1.ome.zarr").name
+    'P1.measurements.csv'
+    """
+    output = Path(output)
+    stem = output.name.removesuffix(".zarr").removesuffix(".ome")
+    return output.with_name(f"{stem}.measurements.csv")
+
+
+def check_output(output: str | Path, *, overwrite: bool) -> Path:
+    """Validate the output path before anything is written; returns it absolute.
+
+    Raises
+    ------
+    OutputError
+        The path exists (without ``overwrite``) or is not a directory, or its parent is missing.
+    """
+    output = Path(output).absolute()
+    if output.exists() and not overwrite:
+        raise OutputError(f"{output}: output already exists; pass --overwrite (overwrite=True) to replace it")
+    if output.exists() and not output.is_dir():
+        raise OutputError(f"{output}: exists and is not a directory")
+    if not output.parent.exists():
+        raise OutputError(f"{output.parent}: parent folder of the output does not exist")
+    return output
+
+
+#: Hidden siblings of an output ``X``: ``.X.layout-<pid>`` (a layout being built) and
+#: ``.X.replaced-<pid>`` (the store it replaces, until the new one is in place).
+_SIBLING_KINDS = ("layout", "replaced")
+
+
+def _sibling(output: Path, kind: str, pid: int) -> Path:
+    return output.with_name(f".{output.name}.{kind}-{pid}")
+
+
+def create_plate_layout(output: str | Path, plate: Plate, *, overwrite: bool = False,
+                        run_info: dict | None = None) -> Path:
+    """Write the plate, row and well groups (and the manifest) once, on the client.
+
+    The field groups below each well are the well task's to write. Every well starts with
+    the same document (no images), so it is made once and copied. Everything is written into
+    a hidden sibling folder, flushed to disk (files and folders) and renamed to ``output``, and
+    the parent folder is flushed after the rename: a crash leaves either no store or all of it.
+    With ``overwrite``, an existing store stays in place until the new layout is complete.
+
+    Parameters
+    ----------
+    output
+        The store to create (``X.ome.zarr``).
+    plate
+        The plate whose wells are laid out.
+    overwrite
+        Replace an existing store. Without it an existing path is an error.
+    run_info
+        Start the run's manifest (:class:`~hcs_dask.store.manifest.Manifest`) with this
+        information (the fingerprints a resume compares). ``None``: no manifest.
+
+    Returns
+    -------
+    Path
+        ``output``, absolute.
+
+    Raises
+    ------
+    OutputError
+        From :func:`check_output`, before anything is written.
+    """
+    output = check_output(output, overwrite=overwrite)
+    rows = sorted({w.row for w in plate.wells}, key=plate.row_names().index)
+    columns = sorted({str(w.column) for w in plate.wells}, key=int)
+    files = metadata_files(lambda group: write_plate_metadata(
+        group,
+        rows=rows,
+        columns=columns,
+        wells=[f"{w.row}/{w.column}" for w in plate.wells],
+        fmt=FORMAT,
+        field_count=len(plate.sites),
+        name=plate.name,
+    ))
+    row_document = metadata_files(lambda group: None)["zarr.json"]
+    files.update((f"{row}/zarr.json", row_document) for row in rows)
+    # A well lists no images until its task has written them all (see commit_well).
+    files.update((f"{w.row}/{w.column}/zarr.json", well_document(())) for w in plate.wells)
+    if run_info is not None:
+        files.update(Manifest.layout_files(run_info))
+
+    building = _sibling(output, "layout", os.getpid())
+    if building.exists():
+        shutil.rmtree(building)
+    folders = {building}
+    for key in files:
+        folder = (building / key).parent
+        while folder not in folders:
+            folders.add(folder)
+            folder = folder.parent
+    replaced = _sibling(output, "replaced", os.getpid()) if output.exists() else None
+    try:
+        for folder in sorted(folders, key=lambda path: len(path.parts)):
+            folder.mkdir()
+        write_files({building / key: data for key, data in files.items()}, durable=True)
+        fsync_paths(folders)
+        if replaced is not None:
+            if replaced.exists():
+                shutil.rmtree(replaced)
+            os.rename(output, replaced)
+        try:
+            os.rename(building, output)
+        except BaseException:
+            if replaced is not None:
+                os.rename(replaced, output)
+            raise
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
+    fsync_path(output.parent)
+    if replaced is not None:
+        shutil.rmtree(replaced)
+    _remove_leftovers(output)
+    return output
+
+
+def _remove_leftovers(output: Path) -> None:
+    """Remove the hidden siblings that killed processes left behind for this output."""
+    for kind in _SIBLING_KINDS:
+        for path in output.parent.glob(f".{glob.escape(output.name)}.{kind}-*"):
+            pid = path.name.rpartition("-")[2]
+            if pid.isdigit() and not _alive(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
