@@ -149,8 +149,8 @@ def draw_plate_map(
         grid = np.full((n_rows, n_columns), np.nan)
         for well, status in statuses.items():
             grid[positions[well]] = codes[status]
-        colour_map = ListedColormap([STATUS_COLOURS.get(s, "#424242") for s in order] or ["#ffffff"])
-        colour_map.set_bad(NOT_IMAGED_COLOUR)
+        colour_map = ListedColormap([STATUS_COLOURS.get(s, "#424242") for s in order] or ["#ffffff"]).with_extremes(
+            bad=NOT_IMAGED_COLOUR)
         image = ax.imshow(np.ma.masked_invalid(grid), cmap=colour_map, vmin=-0.5,
                           vmax=max(len(order), 1) - 0.5, aspect="equal", interpolation="nearest")
         bar = figure.colorbar(image, ax=ax, shrink=0.85, ticks=range(len(order)), label=label or "status")
@@ -177,6 +177,4 @@ def draw_plate_map(
 def _colour_map(name: str) -> Any:
     import matplotlib
 
-    colour_map = matplotlib.colormaps[name].copy()
-    colour_map.set_bad(NOT_IMAGED_COLOUR)
-    return colour_map
+    return matplotlib.colormaps[name].with_extremes(bad=NOT_IMAGED_COLOUR)

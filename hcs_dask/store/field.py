@@ -57,13 +57,21 @@ class FieldLayout:
 
 
 class FieldWriter:
-    """Creates one field's multiscale image and writes regions of it (all levels at once)."""
+    """Creates one field's multiscale image and writes regions of it (all levels at once).
+
+    Each ``omero`` channel carries the ``window`` its data imply: ``start``/``end`` the
+    lowest and highest value written so far, ``min``/``max`` the range of the dtype
+    (for floats, of the data). The group's metadata is rewritten after every write; no
+    reader sees it before the well lists the field (:func:`hcs_dask.store.commit_well`).
+    """
 
     def __init__(self, output: str | Path, path: str, layout: FieldLayout) -> None:
         self.output = Path(output)
         self.path = path
         self.layout = layout
         self._arrays: list[zarr.Array] | None = None
+        self._group: dict[str, Any] | None = None
+        self._ranges: dict[int, tuple[float, float]] = {}
 
     def create(self) -> None:
         """Write the field's group and empty level arrays; metadata comes from :func:`_field_template`."""
@@ -74,6 +82,7 @@ class FieldWriter:
         folder.mkdir(parents=True)
         group = json.loads(files["zarr.json"])
         group["attributes"]["ome"]["multiscales"][0]["name"] = self.path
+        self._group = group
         for key, data in files.items():
             if key != "zarr.json":
                 (folder / key).parent.mkdir(exist_ok=True)
@@ -91,10 +100,38 @@ class FieldWriter:
         if self._arrays is None:
             self.create()
         assert self._arrays is not None
+        self._note_range(index, data)
         for level, array in enumerate(self._arrays):
             if level:
                 data = downsample(data)
             array[index] = data[..., : array.shape[-2], : array.shape[-1]]
+        self._write_windows()
+
+    def _note_range(self, index: tuple[int | slice, ...], data: np.ndarray) -> None:
+        """Widen each written channel's value range by ``data``."""
+        axis = self.layout.axes.index("c")
+        position = index[axis] if axis < len(index) else slice(None)
+        channels = range(self.layout.shape[axis])[position] if isinstance(position, slice) else [position]
+        if isinstance(position, int):  # the index took the channel axis away
+            data = np.expand_dims(data, axis)
+        others = tuple(i for i in range(data.ndim) if i != axis)
+        lows, highs = data.min(axis=others), data.max(axis=others)
+        for channel, low, high in zip(channels, lows.tolist(), highs.tolist()):
+            seen = self._ranges.get(channel)
+            self._ranges[channel] = (low, high) if seen is None else (min(seen[0], low), max(seen[1], high))
+
+    def _write_windows(self) -> None:
+        assert self._group is not None
+        kind = np.dtype(self.layout.dtype)
+        limits = np.iinfo(kind) if kind.kind in "iu" else None
+        for channel, entry in enumerate(self._group["attributes"]["ome"]["omero"]["channels"]):
+            if channel not in self._ranges:
+                continue
+            low, high = self._ranges[channel]
+            entry["window"] = {"start": low, "end": high,
+                               "min": int(limits.min) if limits is not None else low,
+                               "max": int(limits.max) if limits is not None else high}
+        write_file(self.output / self.path / "zarr.json", json.dumps(self._group, indent=2).encode())
 
 
 @lru_cache(maxsize=64)
