@@ -1,13 +1,15 @@
 """Plate maps drawn with matplotlib: well status, or one value per well as a heat map.
 
-The figures are plain :class:`matplotlib.figure.Figure` objects on an Agg canvas, never
+The figures are :class:`matplotlib.figure.Figure` objects on an Agg canvas, never
 registered with ``pyplot``: they can be drawn on any thread (the live map of a run is
 redrawn on one of its own), and a notebook full of them does not pile up open figures.
-Jupyter shows a returned figure once; a script saves it with ``figure.savefig(path)``.
+They carry a PNG repr, so Jupyter shows a returned figure once; a script saves it with
+``figure.savefig(path)``.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Mapping
 
 import numpy as np
@@ -39,29 +41,33 @@ def infer_geometry(wells: list[str]) -> tuple[int, int]:
 
 
 def new_figure(size: tuple[float, float]) -> Any:
-    """A Figure on an Agg canvas, outside pyplot (safe off the main thread)."""
+    """A Figure on an Agg canvas, outside pyplot (safe off the main thread), that Jupyter shows as PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
 
-    figure = Figure(figsize=size, layout="constrained")
+    figure = _figure_class()(figsize=size, layout="constrained")
     FigureCanvasAgg(figure)
-    _ipython_can_show_figures()
     return figure
 
 
-def _ipython_can_show_figures() -> None:
-    """In IPython, make sure a returned Figure is displayed as an image, not as text.
+@functools.cache
+def _figure_class() -> type:
+    from matplotlib.figure import Figure
 
-    IPython registers its Figure formatter when matplotlib's inline backend is set up,
-    which happens when pyplot is imported.
-    """
-    import sys
+    class ShownFigure(Figure):
+        """A matplotlib Figure with a PNG repr: IPython shows it without pyplot's inline backend."""
 
-    if "IPython" in sys.modules and "matplotlib.pyplot" not in sys.modules:
-        try:
-            import matplotlib.pyplot  # noqa: F401  (registers IPython's Figure formatter)
-        except Exception:  # a broken GUI backend: the figure is still usable for savefig
-            pass
+        def _repr_png_(self) -> bytes:
+            return png_bytes(self)
+
+    ShownFigure.__qualname__ = "ShownFigure"  # found again by name (module __getattr__): it pickles
+    return ShownFigure
+
+
+def __getattr__(name: str) -> Any:
+    # ShownFigure is made on first use, so that importing this module does not import matplotlib.
+    if name == "ShownFigure":
+        return _figure_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def png_bytes(figure: Any, dpi: int = 90) -> bytes:
@@ -117,7 +123,8 @@ def draw_plate_map(
 
     n_rows, n_columns = geometry
     inches, font = _layout(n_columns)
-    if ax is None:
+    own = ax is None
+    if own:
         # Room for the colour bar: its status names need more than its numbers.
         figure = new_figure(((1.8 if values is not None else 2.8) + n_columns * inches, 1.0 + n_rows * inches))
         ax = figure.add_subplot()
@@ -168,8 +175,10 @@ def draw_plate_map(
     if legend:
         ax.legend(handles=legend, loc="upper left", bbox_to_anchor=(0, -0.01), ncol=min(len(legend), 4),
                   fontsize=font + 1, frameon=False)
-    if title:
-        # Above the column numbers, which sit on top of the plate.
+    if title and own:
+        # A figure title: the constrained layout leaves no room for an axes title above top ticks.
+        figure.suptitle(title, fontsize=font + 3)
+    elif title:
         ax.set_title(title, fontsize=font + 3, pad=font + 8)
     return figure
 

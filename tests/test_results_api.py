@@ -203,7 +203,7 @@ def test_plot_plate_of_a_run(failed_run):
     rows = failed_run.measurements
     expected = rows[rows.channel == 1].groupby("well")["brightest"].mean()
     assert grid[0, 0] == pytest.approx(expected["A01"]) and np.isnan(grid[0, 1])
-    assert "DAPI" in figure.axes[0].get_title()
+    assert "DAPI" in figure.get_suptitle()
 
 
 # ------------------------------------------------------------------ pixels
@@ -289,7 +289,7 @@ def test_rerun_failed_with_the_fixed_step_after_a_deliberate_failure(synthetic_s
     assert records["A02"]["pipeline"] != records["A01"]["pipeline"] == first["A01"].pipeline
     assert fixed.summary()["mixed"] is True
     assert "mixed" in fixed._repr_html_() and "mixed" in repr(fixed)
-    assert "2 pipeline versions" in fixed.plot_plate().axes[0].get_title()
+    assert "2 pipeline versions" in fixed.plot_plate().get_suptitle()
     assert PlateResult.load(output).mixed
     shown = CliRunner().invoke(main, ["inspect", str(output)])
     assert shown.exit_code == 0, shown.output
