@@ -134,7 +134,7 @@ def main() -> None:
 @click.option("--max-failures", type=int, default=5, show_default=True,
               help="Stop starting wells when the first N to end all failed in the same step (0: never stop).")
 @click.option("--table-format", type=click.Choice(["csv", "parquet"]), default="csv", show_default=True,
-              help="The measurement table beside the store, and the backend of the tables inside it.")
+              help="The format of the measurement table beside the store.")
 def run(graph: str, plate: str, output: str, workers: int | None, threads_per_worker: int,
         scheduler: str | None, device: str, summary: str | None, overwrite: bool, resume: bool,
         well_timeout: float | None, memory_limit: str, worker_death_retries: int, stall_timeout: float,

@@ -186,8 +186,8 @@ class RunPolicy:
         With ``resume``: accept a pipeline that differs from the earlier run's. The ``ok``
         wells stay; each well's record names the pipeline fingerprint that produced it.
     table_format : {"csv", "parquet"}
-        The format of the measurement table beside the store and the backend of the
-        tables inside it (Parquet needs pyarrow).
+        The format of the measurement table beside the store (Parquet needs pyarrow).
+        The tables inside the store are ngio tables of its ``json`` backend either way.
 
     Raises
     ------
