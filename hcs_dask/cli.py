@@ -180,7 +180,7 @@ def synth(directory: str, wells: int, sites: int, channels: int, z: int, timepoi
 @click.option("--wells", type=int, default=8, show_default=True)
 @click.option("--workers", type=int, default=None, help="Workers of the embedded cluster [one per core].")
 def demo(directory: str, wells: int, workers: int | None) -> None:
-    """Synthesise a small plate and run the nuclei-count graph on an embedded LocalCluster."""
+    """Synthesise a small plate, run the nuclei-count graph on an embedded LocalCluster, and save its plate map."""
     root = Path(directory)
     plate_dir = root / "plate"
     if not plate_dir.exists():
@@ -188,6 +188,12 @@ def demo(directory: str, wells: int, workers: int | None) -> None:
         write_synthetic_plate(plate_dir, wells=wells, sites=2, channels=2, z=3, size=256, seed=0)
     result = _run("nuclei_count", str(plate_dir), str(root / "nuclei_count.ome.zarr"), device="cpu",
                   summary=str(root / "summary.json"), n_workers=workers, overwrite=True)
+    try:
+        figure = result.plot_plate("nuclei_count")
+    except KeyError:  # no well measured anything: the map of their statuses says why
+        figure = result.plot_plate("status")
+    figure.savefig(root / "plate_map.png", dpi=100)
+    click.echo(f"plate map: {root / 'plate_map.png'}")
     sys.exit(0 if result.ok else 1)
 
 
