@@ -12,20 +12,19 @@ import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from math import prod
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import tifffile
 
 from hcs_dask.compile import WellPlan
+from hcs_dask.formats import ImageReadError, read_sources
 from hcs_dask.memory import backend
 from hcs_dask.memory.convert import ConversionCounter, to_array_type, to_host
 from hcs_dask.pipeline import REDUCED, Pipeline, Step, StepContext
 from hcs_dask.plate import AXES, ImageKey
 from hcs_dask.store import FieldLayout, FieldWriter, pyramid_levels
 
-__all__ = ["Coord", "ImageReadError", "StepError", "WellChain", "read_image"]
+__all__ = ["Coord", "ImageReadError", "StepError", "WellChain"]
 
 #: A position inside a well, in :data:`hcs_dask.plate.AXES` order: (site, channel, z, timepoint).
 Coord = tuple[int, int, int, int]
@@ -37,19 +36,31 @@ class StepError(RuntimeError):
     """A step returned something the pipeline cannot use (wrong shape, type, …)."""
 
 
-class ImageReadError(OSError):
-    """A source image that cannot be read; the message starts with its path."""
-
-
-def read_image(path: str) -> np.ndarray:
-    try:
-        return tifffile.imread(path)
-    except Exception as error:  # tifffile raises many types for a damaged file
-        raise ImageReadError(f"{path}: cannot read image: {type(error).__name__}: {error}") from None
-
-
 def _coord(key: ImageKey) -> Coord:
     return (key.site, key.channel, key.z, key.timepoint)
+
+
+def _check_output_grid(site: int, grid: list[list[int]], position: dict[tuple[int, ...], Coord],
+                       one_plane: bool) -> None:
+    """The output of a site fills the field's (t, c) grid; only z may be partial (channels of unequal depth).
+
+    With ``one_plane`` (z processed sequentially) a channel without this plane has no image at all here.
+    """
+    times, channels, planes = grid
+    outside = [index for index in position if index[0] not in times or index[1] not in channels
+               or index[2] not in planes]
+    if outside:
+        raise StepError(
+            f"the pipeline's output for site {site} has (t, c, z) = {sorted(outside)[0]}, outside the field's "
+            f"values {grid} (set by its first write)"
+        )
+    held = {index[:2] for index in position}
+    lacking = [(t, c) for t in times for c in channels if (t, c) not in held]
+    if lacking and not one_plane:
+        raise StepError(
+            f"the pipeline's output for site {site} is not a full (t, c) grid: no image for (t, c) = "
+            f"{lacking[0]} of {len(times)} x {len(channels)}"
+        )
 
 
 @dataclass
@@ -62,6 +73,8 @@ class WellChain:
     combination: dict[str, int] | None = None
     measurements: dict[tuple, dict[str, Any]] = field(default_factory=dict)
     writers: dict[int, FieldWriter] = field(default_factory=dict)
+    #: site -> the (t, c, z) values of its output field, fixed by its first write.
+    output_values: dict[int, dict[str, list[int]]] = field(default_factory=dict)
     conversions: ConversionCounter = field(default_factory=ConversionCounter)
 
     # ----------------------------------------------------------------- chain
@@ -69,14 +82,16 @@ class WellChain:
         self.combination = combination
         self.step = "read"
         state: dict[Coord, str] = {}
-        root = Path(self.plan.root)
-        for key, relative in self.plan.well.files:
-            if any(getattr(key, axis) != value for axis, value in combination.items()):
-                continue
+        selected = [(key, source) for key, source in self.plan.well.files
+                    if all(getattr(key, axis) == value for axis, value in combination.items())]
+        images = read_sources(self.plan.source_format, self.plan.root, [source for _, source in selected])
+        for (key, _), image in zip(selected, images):
             coord = _coord(key)
             path = f"src/{coord}"
-            scope.put(path, read_image(str(root / relative)))
+            scope.put(path, image)
             state[coord] = path
+            del image  # the scope holds the source now; no stray reference past the well's cleanup
+        del images
         prefix = "src/"
         for index, step in enumerate(self.pipeline.steps):
             self.step = step.name
@@ -197,33 +212,42 @@ class WellChain:
             by_site.setdefault(coord[_SITE], []).append(coord)
         for site, coords in sorted(by_site.items()):
             extents = {name: sorted({c[i] for c in coords}) for name, i in _OUTPUT_AXES}
-            if prod(len(v) for v in extents.values()) != len(coords):
-                raise StepError(
-                    f"the pipeline's output for site {site} is not a full (t, c, z) grid: "
-                    f"{len(coords)} images for {[len(v) for v in extents.values()]} values"
-                )
+            writer = self.writers.get(site)
+            if writer is None:
+                # The field's (t, c, z) values: a sequential axis has all the plan's, the others
+                # what the first combination produced (every channel's planes, for unequal depths).
+                values = {name: list(plan.values(AXES[i])) if AXES[i] in plan.sequential else extents[name]
+                          for name, i in _OUTPUT_AXES}
+                self.output_values[site] = values
+            values = self.output_values[site]
+            grid = [[combination[AXES[i]]] if AXES[i] in combination else values[name] for name, i in _OUTPUT_AXES]
             position = {tuple(c[i] for _, i in _OUTPUT_AXES): c for c in coords}
-            grid = [extents[name] for name, _ in _OUTPUT_AXES]
-            images = [scope.get(state[position[index]]) for index in itertools.product(*grid)]
+            _check_output_grid(site, grid, position, one_plane="z" in combination)
+            images = [scope.get(state[position[index]]) if index in position else None
+                      for index in itertools.product(*grid)]
+            # Planes a channel lacks (channels of unequal depth) stay at the fill value, 0.
+            some = next(image for image in images if image is not None)
+            images = [np.zeros_like(some) if image is None else image for image in images]
             # Stacked where the images are (np.stack dispatches to CuPy for device arrays),
             # so a GPU pipeline's output comes back to the host in one copy per field.
             block = to_host(np.stack(images), self.conversions)
-            del images
+            del images, some
             block = block.reshape(*(len(v) for v in grid), *block.shape[1:])
-            writer = self.writers.get(site)
             if writer is None:
                 writer = self.writers[site] = FieldWriter(
                     plan.output,
                     f"{plan.well.row}/{plan.well.column}/{plan.field_index(site) if site != REDUCED else 0}",
-                    self._layout(extents, block),
+                    self._layout(values, block),
+                    translation_um=plan.well.position_of(site),
+                    channel_planes=self._channel_planes(site, values, position),
                 )
             index_by_axis = []
             for name, i in _OUTPUT_AXES:
                 axis = AXES[i]
                 if axis in combination:
                     # A slice, not an int: the block keeps this axis, with length one.
-                    position = plan.values(axis).index(combination[axis])
-                    index_by_axis.append(slice(position, position + 1))
+                    at = plan.values(axis).index(combination[axis])
+                    index_by_axis.append(slice(at, at + 1))
                 else:
                     index_by_axis.append(slice(None))
             if "t" not in writer.layout.axes:
@@ -231,16 +255,26 @@ class WellChain:
                 block = block[0]
             writer.write(tuple(index_by_axis), block)
 
-    def _layout(self, extents: dict[str, list[int]], block: np.ndarray) -> FieldLayout:
+    def _channel_planes(self, site: int, values: dict[str, list[int]],
+                        position: dict[tuple[int, ...], Coord]) -> tuple[tuple[int, ...], ...] | None:
+        """The ``z`` indices that hold each channel's planes, where channels differ in depth; else ``None``."""
+        planes = values["z"]
+        if "z" in self.plan.sequential:
+            # One plane per combination: each channel's planes are its sources' (a step keeps z or reduces it).
+            held = {(key.channel, key.z) for key, _ in self.plan.well.files if key.site == site}
+        else:
+            held = {(index[1], index[2]) for index in position}
+        per_channel = tuple(
+            tuple(i for i, z in enumerate(planes) if (c, z) in held or c == REDUCED) for c in values["c"]
+        )
+        return None if all(len(p) == len(planes) for p in per_channel) else per_channel
+
+    def _layout(self, values: dict[str, list[int]], block: np.ndarray) -> FieldLayout:
         plan = self.plan
-        sizes = {}
-        for name, i in _OUTPUT_AXES:
-            axis = AXES[i]
-            sizes[name] = len(plan.values(axis)) if axis in plan.sequential else len(extents[name])
-        channels = list(plan.values("channel")) if "channel" in plan.sequential else extents["c"]
+        sizes = {name: len(values[name]) for name, _ in _OUTPUT_AXES}
         names = dict(plan.channel_names)
         channel_names = tuple(
-            "projection" if c == REDUCED else names.get(c, f"w{c}") for c in channels
+            "projection" if c == REDUCED else names.get(c, f"w{c}") for c in values["c"]
         )
         axes = ("t", "c", "z") if sizes["t"] > 1 else ("c", "z")
         shape = tuple(sizes[a] for a in axes) + tuple(block.shape[-2:])

@@ -9,17 +9,19 @@ from __future__ import annotations
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import click
 
 from hcs_dask.cluster import ClusterError
 from hcs_dask.compile import CompileError
-from hcs_dask.formats import PlateError, open_plate, write_synthetic_plate
+from hcs_dask.formats import PlateError, PlateWarning, open_plate, write_synthetic_plate
+from hcs_dask.formats.synthetic import SYNTHETIC_FORMATS
 from hcs_dask.options import OptionError, split_options
 from hcs_dask.pipeline import PipelineError, load_pipeline
 from hcs_dask.results import PlateResult
-from hcs_dask.store import OutputError
+from hcs_dask.store import Manifest, OutputError
 
 __all__ = ["main"]
 
@@ -155,6 +157,8 @@ def run(graph: str, plate: str, output: str, workers: int | None, threads_per_wo
 
 @main.command()
 @click.argument("directory", type=click.Path())
+@click.option("--format", "plate_format", type=click.Choice(SYNTHETIC_FORMATS), default="imagexpress",
+              show_default=True, help="The vendor layout to write, with its metadata files.")
 @click.option("--wells", type=int, default=4, show_default=True)
 @click.option("--sites", type=int, default=2, show_default=True)
 @click.option("--channels", type=int, default=2, show_default=True)
@@ -162,16 +166,22 @@ def run(graph: str, plate: str, output: str, workers: int | None, threads_per_wo
 @click.option("--timepoints", type=int, default=1, show_default=True)
 @click.option("--size", type=int, default=256, show_default=True, help="Image edge in pixels.")
 @click.option("--seed", type=int, default=0, show_default=True)
-def synth(directory: str, wells: int, sites: int, channels: int, z: int, timepoints: int, size: int, seed: int) -> None:
-    """Write a synthetic ImageXpress plate (with .HTD and ground_truth.csv) to DIRECTORY."""
+@click.option("--mixed-depth", is_flag=True,
+              help="ImageXpress: channels of different depth, as MetaXpress exports mix them (the last channel "
+                   "in ZStep_1 only, the one before it only as a projection, the others z-stacks with "
+                   "projections and _thumb previews). Needs --channels 3 or more and --z 2 or more.")
+def synth(directory: str, plate_format: str, wells: int, sites: int, channels: int, z: int, timepoints: int,
+          size: int, seed: int, mixed_depth: bool) -> None:
+    """Write a synthetic plate (images, vendor metadata files, ground_truth.csv) to DIRECTORY."""
     start = time.perf_counter()
     try:
         path = write_synthetic_plate(directory, wells=wells, sites=sites, channels=channels, z=z,
-                                     timepoints=timepoints, size=size, seed=seed)
+                                     timepoints=timepoints, size=size, seed=seed, format=plate_format,
+                                     mixed_depth=mixed_depth)
     except (FileExistsError, ValueError) as error:
         _fail_input(error)
-    n = wells * sites * channels * z * timepoints
-    click.echo(f"wrote {n} images ({wells} wells) to {path} in {time.perf_counter() - start:.1f} s")
+    n = sum(1 for p in path.rglob("*") if p.suffix.lower() in (".tif", ".tiff"))
+    click.echo(f"wrote {n} {plate_format} images ({wells} wells) to {path} in {time.perf_counter() - start:.1f} s")
 
 
 @main.command()
@@ -201,29 +211,31 @@ def demo(directory: str, wells: int, workers: int | None) -> None:
 @click.argument("plate", type=click.Path())
 @click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
 def inspect(plate: str, as_json: bool) -> None:
-    """Print PLATE's dimensions, channels, and missing images; for an output store, its wells' status."""
-    if (Path(plate) / "zarr.json").is_file():
+    """Print PLATE's format, dimensions, channels, pixel size, and missing wells, sites or images.
+
+    Exit 0 for a plate that can run, 1 when wells lack images their siblings have,
+    2 when it cannot be opened (the message names the file and the problem). For an output
+    store written by hcs_dask: its wells' status (exit 1 when a well is not ok).
+    """
+    if (Path(plate) / Manifest.FOLDER / "zarr.json").is_file():
         _inspect_store(plate, as_json)
         return
-    try:
-        opened = open_plate(plate)
-    except PlateError as error:
-        _fail_input(error)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", PlateWarning)
+        try:
+            opened = open_plate(plate)
+        except PlateError as error:
+            _fail_input(error)
+    for warning in caught:
+        if issubclass(warning.category, PlateWarning):
+            click.echo(f"warning: {warning.message}", err=True)
+        else:
+            warnings.showwarning(warning.message, warning.category, warning.filename, warning.lineno)
     info = opened.describe()
     if as_json:
         click.echo(json.dumps(info, indent=2))
-        return
-    click.echo(f"plate {info['name']} ({info['format']}) at {info['root']}")
-    click.echo(f"  {info['wells']} wells × {info['sites']} sites × {len(info['channels'])} channels × "
-               f"{info['z']} z × {info['timepoints']} timepoints = {info['images']} images")
-    click.echo(f"  image {info['shape'][0]}×{info['shape'][1]} {info['dtype']}, pixel size "
-               f"{info['pixel_size_um'] or 'unknown'} µm, plate {info['plate_geometry'][0]}×{info['plate_geometry'][1]}")
-    for channel in info["channels"]:
-        click.echo(f"  channel {channel['channel']}: {channel['name']}")
-    for line in info["gaps"] or ["no gaps: every well has every image"]:
-        click.echo(f"  {line}")
-    for line in info["declared_missing"] + info["notes"]:
-        click.echo(f"  {line}")
+    else:
+        _print_description(info)
     if info["gaps"]:
         sys.exit(1)
 
@@ -241,6 +253,28 @@ def _inspect_store(output: str, as_json: bool) -> None:
         _report(result, None)
     if not result.ok:
         sys.exit(1)
+
+
+def _print_description(info: dict) -> None:
+    click.echo(f"plate {info['name']} ({info['format']}) at {info['root']}")
+    click.echo(f"  {info['wells']} wells × {info['sites']} sites × {len(info['channels'])} channels × "
+               f"{info['z']} z × {info['timepoints']} timepoints = {info['images']} images")
+    pixel = " × ".join(f"{v:g}" for v in info["pixel_size_um"]) + " µm" if info["pixel_size_um"] else "unknown"
+    z_step = f", z step {info['z_step_um']:g} µm" if info["z_step_um"] else ""
+    click.echo(f"  image {info['shape'][0]}×{info['shape'][1]} {info['dtype'] or '(headers not read)'}, pixel size "
+               f"{pixel}{z_step}, plate {info['plate_geometry'][0]}×{info['plate_geometry'][1]}")
+    for channel in info["channels"]:
+        depth = ("projection only (one image per site)" if channel["projection"]
+                 else f"{channel['z']} plane{'s' if channel['z'] != 1 else ''}")
+        click.echo(f"  channel {channel['channel']}: {channel['name']}, {depth}")
+    if not info["uniform_depth"]:
+        click.echo("  channels differ in depth: each channel keeps its own planes (an acquisition, not missing images)")
+    if info["field_positions"]:
+        click.echo(f"  field positions: known for {info['field_positions']} field(s)")
+    for line in info["gaps"] or ["no gaps: every well has every image"]:
+        click.echo(f"  {line}")
+    for line in info["declared_missing"] + info["notes"]:
+        click.echo(f"  {line}")
 
 
 if __name__ == "__main__":

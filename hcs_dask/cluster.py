@@ -25,7 +25,8 @@ from typing import Any, Iterator
 import dask
 from distributed.diagnostics.plugin import WorkerPlugin
 
-__all__ = ["CLUSTER_KINDS", "CUDA_WORKER_CONFIG", "ClusterError", "ClusterOptionError", "EMBEDDED_SCHEDULER_CONFIG",
+__all__ = ["CLUSTER_KINDS", "CUDA_WORKER_CONFIG", "ClusterError", "ClusterOptionError", "EMBEDDED_LIFETIME_CONFIG",
+           "EMBEDDED_SCHEDULER_CONFIG", "EMBEDDED_WORKER_PRELOAD",
            "RMMReinitializePlugin", "available_cores",
            "check_cluster", "connect", "cuda_device_count"]
 
@@ -59,6 +60,13 @@ EMBEDDED_SCHEDULER_CONFIG = {
 CUDA_WORKER_CONFIG = {
     "distributed.nanny.environ.XLA_PYTHON_CLIENT_PREALLOCATE": "false",
 }
+
+#: In force while an embedded cluster runs (read by its SpecCluster when a worker leaves):
+#: a worker whose nanny has not brought it back after ``lost-worker-timeout`` (Dask's
+#: default 15 s) is given up, nanny and all, and never replaced. Restarting a worker process
+#: takes 5-15 s on a busy 2-core machine, two at once longer, so the default lost the whole
+#: cluster after a well killed both workers in turn.
+EMBEDDED_LIFETIME_CONFIG = {"distributed.deploy.lost-worker-timeout": "300s"}
 
 #: The kinds of embedded cluster.
 CLUSTER_KINDS = ("local", "cuda")
@@ -484,7 +492,8 @@ def connect(
     # context manager may only be left in the context (thread) that entered it.
     local = Client(local_cluster)
     try:
-        yield local
+        with dask.config.set(EMBEDDED_LIFETIME_CONFIG):
+            yield local
     finally:
         local.close()
         local_cluster.close()
@@ -532,7 +541,8 @@ def _cuda_client(n_workers: int | None, memory_limit: str | float | None,
             # joins, after dask-cuda's own RMM set-up there: restarted ones too.
             cuda_client.register_plugin(RMMReinitializePlugin(
                 options["rmm_pool_size"], options["rmm_maximum_pool_size"], options["rmm_managed_memory"]))
-        yield cuda_client
+        with dask.config.set(EMBEDDED_LIFETIME_CONFIG):
+            yield cuda_client
     finally:
         cuda_client.close()
         cuda_cluster.close()

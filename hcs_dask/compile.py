@@ -52,6 +52,8 @@ class WellPlan:
     pixel_size_um: tuple[float, float] | None
     z_step_um: float | None
     manifest: bool = True
+    #: The plate's format, which says how the well's sources are read (:func:`hcs_dask.formats.read_sources`).
+    source_format: str = "imagexpress"
     #: The fingerprint of the pipeline the well runs, written into its manifest records.
     pipeline_fingerprint: str | None = None
 
@@ -186,6 +188,7 @@ def compile_plate(
         write_layout = False
     else:
         output_path = check_output(output, overwrite=overwrite)
+    _check_apart(plate, output_path)
     finished = {record["well"] for record in done}
     skipped = tuple({"well": name, "status": "skipped", "error": gap, "cause": "incomplete (skip_incomplete)"}
                     for name, gap in incomplete.items() if name not in finished)
@@ -204,6 +207,7 @@ def compile_plate(
             pixel_size_um=plate.pixel_size_um,
             z_step_um=plate.z_step_um,
             manifest=manifest,
+            source_format=plate.format,
             pipeline_fingerprint=fingerprints.get("pipeline_fingerprint"),
         )
         for well in plate.wells
@@ -219,6 +223,13 @@ def compile_plate(
 def write_output(graph: PlateGraph, *, overwrite: bool = False) -> None:
     """Write a compiled plate's output layout (plate, row and well groups, the run's manifest), once."""
     create_plate_layout(graph.output, graph.plate, overwrite=overwrite, run_info=graph.run_info or None)
+
+
+def _check_apart(plate: Plate, output: Path) -> None:
+    """The output must not be, or hold, the plate's images: replacing it would delete them (an OME-Zarr input)."""
+    root = Path(plate.root).absolute()
+    if root.is_relative_to(output):
+        raise CompileError(f"{output}: the output would replace the input plate {root}; write it elsewhere")
 
 
 def _plate_record(plate: Plate) -> dict:

@@ -335,6 +335,7 @@ class _Driver:
         self.workers: dict[str, _Worker] = {}
         self.recycled: set[str] = set()
         self.submissions = 0
+        self.used_keys: set[Any] = set()
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.lock = threading.Lock()
         self.bars: list[Any] = []
@@ -494,8 +495,12 @@ class _Driver:
     def _submit(self, plan: WellPlan, attempt: int, worker: _Worker, *, solo: bool) -> None:
         self.submissions += 1
         key: Any = plan.key
-        if self.submissions > len(self.graph.plans) or key in getattr(self.client, "futures", {}):
+        # The documented key for a well's first submission; every later one (the scheduler
+        # may not have forgotten an erred task yet) and any clash with the client's own
+        # futures gets a fresh one.
+        if key in self.used_keys or key in getattr(self.client, "futures", {}):
             key = (*plan.key, self.run_id, self.submissions)
+        self.used_keys.add(plan.key)
         token = f"{self.run_id}-{self.submissions}"
         future = self.client.submit(run_well, plan, self.blob, attempt, token, key=key, pure=False,
                                     workers=[worker.address], allow_other_workers=False,
@@ -560,7 +565,11 @@ class _Driver:
         transfer from the worker, and it is there even if that worker died since.
         """
         if self.manifest is not None:
-            record = self.manifest.read_well(entry.plan.well.name)
+            try:
+                record = self.manifest.read_well(entry.plan.well.name)
+            except (OSError, ValueError) as error:  # an unreadable manifest: the task's own result says
+                logger.warning("well %s: its manifest record cannot be read: %s", entry.plan.well.name, error)
+                record = None
             if record and record.get("run") == entry.token and record.get("status") != "running":
                 entry.future.release()
                 return ExecutionResult.from_record(record)

@@ -67,10 +67,18 @@ class ImageKey(NamedTuple):
 
 @dataclass(frozen=True)
 class Well:
-    """One well's images: ``(ImageKey, path relative to the plate root)`` pairs, sorted."""
+    """One well's images: ``(ImageKey, source)`` pairs, sorted.
+
+    A source is a path relative to the plate root for the TIFF formats, and a
+    reference into the store (``"A/1/0/0:0,2"``: array path, then the indices of
+    the leading axes) for OME-Zarr input; :func:`hcs_dask.formats.read_sources`
+    reads either kind. ``positions`` holds ``(site, y_um, x_um)``, the stage
+    position of each field as the vendor metadata records it, where it does.
+    """
 
     name: str
     files: tuple[tuple[ImageKey, str], ...]
+    positions: tuple[tuple[int, float, float], ...] = ()
 
     @property
     def row(self) -> str:
@@ -99,13 +107,21 @@ class Well:
         """Sorted distinct values of ``axis`` among this well's images."""
         return tuple(sorted({getattr(key, axis) for key, _ in self.files}))
 
+    def position_of(self, site: int) -> tuple[float, float] | None:
+        """``(y_um, x_um)`` stage position of field ``site``; ``None`` where unknown."""
+        for number, y, x in self.positions:
+            if number == site:
+                return (y, x)
+        return None
+
     def __getstate__(self) -> dict:
         # The lookup dict is derived: do not ship it to workers.
-        return {"name": self.name, "files": self.files}
+        return {"name": self.name, "files": self.files, "positions": self.positions}
 
     def __setstate__(self, state: dict) -> None:
         object.__setattr__(self, "name", state["name"])
         object.__setattr__(self, "files", state["files"])
+        object.__setattr__(self, "positions", state.get("positions", ()))
 
 
 @dataclass(frozen=True)
@@ -135,6 +151,15 @@ class Plate:
     declared_missing
         Human-readable notes on wells, sites or channels that the vendor metadata
         declares but for which no file exists.
+    notes
+        Human-readable notes on what the reader skipped or assumed.
+    projection_channels
+        Channels that exist only as a projection (one image per site and
+        timepoint, indexed at ``z`` = 1), not as planes.
+
+    Channels may differ in depth (a z-stack beside a single-plane channel): each
+    channel's planes are :meth:`channel_z`, and :meth:`gaps` expects of every well
+    each channel's own planes, not the plate's full z range.
     """
 
     name: str
@@ -150,6 +175,7 @@ class Plate:
     plate_columns: int = 12
     declared_missing: tuple[str, ...] = ()
     notes: tuple[str, ...] = field(default=())
+    projection_channels: tuple[int, ...] = ()
 
     # ----------------------------------------------------------------- lookups
     @cached_property
@@ -169,9 +195,14 @@ class Plate:
         return len(self.wells)
 
     @cached_property
+    def _places(self) -> frozenset[tuple[int, int, int, int]]:
+        # Every distinct (site, channel, z, timepoint): a few thousand, from which all axis facts follow.
+        return frozenset(key[1:] for well in self.wells for key, _ in well.files)
+
+    @cached_property
     def _axis_values(self) -> dict[str, tuple[int, ...]]:
-        keys = [key for well in self.wells for key, _ in well.files]
-        return {axis: tuple(sorted({getattr(key, axis) for key in keys})) for axis in AXES}
+        places = self._places
+        return {axis: tuple(sorted({place[i] for place in places})) for i, axis in enumerate(AXES)}
 
     def values(self, axis: str) -> tuple[int, ...]:
         """Sorted distinct values of an axis (``site``, ``channel``, ``z``, ``timepoint``)."""
@@ -194,6 +225,22 @@ class Plate:
     @property
     def timepoints(self) -> tuple[int, ...]:
         return self.values("timepoint")
+
+    @cached_property
+    def _channel_z(self) -> dict[int, tuple[int, ...]]:
+        planes: dict[int, set[int]] = {}
+        for _, channel, z, _ in self._places:
+            planes.setdefault(channel, set()).add(z)
+        return {channel: tuple(sorted(zs)) for channel, zs in sorted(planes.items())}
+
+    def channel_z(self, channel: int) -> tuple[int, ...]:
+        """The z planes that ``channel`` has anywhere in the plate (its own depth)."""
+        return self._channel_z.get(channel, ())
+
+    @property
+    def uniform_depth(self) -> bool:
+        """Whether every channel has the same z planes."""
+        return len(set(self._channel_z.values())) <= 1
 
     @property
     def n_images(self) -> int:
@@ -267,11 +314,13 @@ class Plate:
     def gaps(self) -> list[str]:
         """Every image that a well lacks although its siblings have it.
 
-        The expected set is the full product of the plate's sites, channels, z
-        planes and timepoints. Returns one sentence per well, naming what is
-        missing; empty when the plate is complete.
+        The expected set is the product of the plate's sites and timepoints with
+        each channel's own planes (:meth:`channel_z`), so a single-plane channel
+        beside a z-stack is an acquisition, not missing planes. Returns one
+        sentence per well, naming what is missing; empty when the plate is complete.
         """
-        expected = len(self.sites) * len(self.channels) * len(self.zs) * len(self.timepoints)
+        depth = self._channel_z
+        expected = len(self.sites) * len(self.timepoints) * sum(len(zs) for zs in depth.values())
         problems = []
         for well in self.wells:
             if len(well.files) == expected:
@@ -281,7 +330,7 @@ class Plate:
                 (s, c, z, t)
                 for s in self.sites
                 for c in self.channels
-                for z in self.zs
+                for z in depth[c]
                 for t in self.timepoints
                 if (s, c, z, t) not in present
             ]
@@ -319,14 +368,19 @@ class Plate:
             "wells": len(self.wells),
             "sites": len(self.sites),
             "channels": [
-                {"channel": c, "name": self.channel_name(c)} for c in self.channels
+                {"channel": c, "name": self.channel_name(c), "z": len(self.channel_z(c)),
+                 "projection": c in self.projection_channels}
+                for c in self.channels
             ],
             "z": len(self.zs),
+            "uniform_depth": self.uniform_depth,
             "timepoints": len(self.timepoints),
             "images": self.n_images,
             "shape": list(self.shape),
             "dtype": self.dtype,
             "pixel_size_um": list(self.pixel_size_um) if self.pixel_size_um else None,
+            "z_step_um": self.z_step_um,
+            "field_positions": sum(len(well.positions) for well in self.wells),
             "plate_geometry": [self.plate_rows, self.plate_columns],
             "gaps": self.gaps(),
             "declared_missing": list(self.declared_missing),

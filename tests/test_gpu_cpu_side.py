@@ -31,6 +31,7 @@ from hcs_dask.cli import main
 from hcs_dask.cluster import (
     CUDA_WORKER_CONFIG,
     EMBEDDED_SCHEDULER_CONFIG,
+    EMBEDDED_WORKER_PRELOAD,
     ClusterError,
     ClusterOptionError,
     check_cluster,
@@ -365,6 +366,7 @@ def test_cuda_cluster_gets_gpu_resources_one_thread_and_the_rmm_options(fake_das
         "rmm_release_threshold": None, "rmm_managed_memory": False, "rmm_allocator_external_lib_list": ["cupy"],
         "scheduler_port": 0, "dashboard_address": ":0", "silence_logs": call["silence_logs"],
         "pre_import": ["cupy"], "config": {**EMBEDDED_SCHEDULER_CONFIG, **CUDA_WORKER_CONFIG},
+        "preload": [EMBEDDED_WORKER_PRELOAD],  # workers ignore a notebook's SIGINT
     }
 
 

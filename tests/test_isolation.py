@@ -199,3 +199,23 @@ def test_a_fixed_helper_runs_when_the_same_pipeline_object_runs_again(tmp_path, 
     exec("def helper(stack, well):\n    return stack.max(axis=0)\n", module.__dict__)  # the fix, as in a notebook
     second = run_plate(open_plate(root), pipeline, tmp_path / "second.ome.zarr", client=client, progress=False)
     assert second.ok, second.failures()
+
+
+def test_a_manifest_that_cannot_be_written_fails_the_wells_not_the_run(tmp_path, client):
+    import shutil
+
+    from hcs_dask.compile import compile_plate
+    from hcs_dask.driver import submit_graph
+    from hcs_dask.memory import backend
+
+    root = _plate(tmp_path, 3)
+    graph = compile_plate(open_plate(root), load_pipeline("max_projection"), tmp_path / "o.ome.zarr")
+    wells = Manifest(graph.output).folder / "wells"
+    shutil.rmtree(wells)
+    wells.write_text("not a folder")  # every record write now fails, on the workers and the client
+    result = submit_graph(graph, client).result()
+    assert [r.status for r in result.wells] == ["failed"] * 3
+    for record in result.wells:
+        assert record.error_type in ("NotADirectoryError", "FileNotFoundError"), record
+        assert record.memory["backend_bytes_after_cleanup"] == 0
+    assert all(nbytes == 0 for nbytes in client.run(backend.nbytes).values())

@@ -8,7 +8,11 @@ The layout, as found in the field:
   GUID may be glued onto the last number; ``_z<n>``/``_t<n>`` may follow the well;
 - ``_thumb`` previews beside the images (skipped);
 - ``TimePoint_<n>/`` folders, which may hold ``ZStep_<n>/`` folders, or ``ZStep_<n>/``
-  alone. Images beside ``ZStep_`` folders are projections, not planes (skipped);
+  alone. Images beside ``ZStep_`` folders are projections, not planes: skipped
+  for a channel that has planes, indexed at ``z`` = 1 for a channel that exists
+  only as a projection (``Plate.projection_channels``);
+- channels of different depth in one plate: a z-stack beside a channel taken in
+  ``ZStep_1`` only; each keeps its own planes (``Plate.channel_z``);
 - date/run folders above the plate (``2023-02-21/1334/``), which are descended;
 - an optional ``.HTD`` plate description (CSV-like ``"Key", value, ...`` lines),
   which often declares more than was acquired or shipped.
@@ -25,17 +29,16 @@ import gc
 import io
 import os
 import re
-import xml.etree.ElementTree as ElementTree
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import NamedTuple
 
-import tifffile
-
+from hcs_dask.formats._common import listing as _listing
 from hcs_dask.formats._errors import PlateError
+from hcs_dask.formats._tiff import read_header
+from hcs_dask.formats._tiff import read_headers as _read_headers
 from hcs_dask.plate import AXES, ImageKey, Plate, Well, plate_geometry, row_index, row_name, split_well_name
 
-__all__ = ["is_imagexpress", "read_imagexpress", "LOOKED_FOR"]
+__all__ = ["is_imagexpress", "read_imagexpress", "example", "LOOKED_FOR", "EXAMPLE_NAME"]
 
 #: How deep below the given folder the plate folder is searched (date/run folders).
 _MAX_DEPTH = 3
@@ -44,13 +47,10 @@ LOOKED_FOR = (
     "ImageXpress images named <plate>_<well>_s<site>_w<channel>.tif, or TimePoint_<n>/ or "
     f"ZStep_<n>/ folders, in the folder and up to {_MAX_DEPTH} levels of subfolders"
 )
+#: One image name as MetaXpress writes it, for "no plate found" messages.
+EXAMPLE_NAME = "Plate1_B05_s1_w1A1B2C3D4-1111-2222-3333-444455556666.tif"
 #: Folders visited at most while searching, so that pointing at ``/`` fails fast.
 _MAX_FOLDERS_SEARCHED = 2000
-#: Above this many distinct file sizes in one channel the files are compressed
-#: (sizes carry no information on shape), and headers are sampled instead.
-_MAX_SIZE_GROUPS = 32
-#: Items listed in one note before "and N more".
-_MAX_LISTED = 10
 
 # A GUID glued onto the last number is either a full GUID (32 hex digits, dashes
 # optional) or a hex run that starts with a letter. A fixed length is what makes
@@ -83,12 +83,21 @@ def is_imagexpress(path: str | os.PathLike[str]) -> bool:
 
     Cheap: it stops at the first image name that fits the layout.
     """
+    return example(path) is not None
+
+
+def example(path: str | os.PathLike[str]) -> str | None:
+    """The first file or folder at ``path`` that shows an ImageXpress plate (relative to it), or ``None``."""
     absolute = os.path.abspath(os.fspath(path))
     if os.path.isfile(absolute):
-        return absolute.lower().endswith(".htd")
+        return os.path.basename(absolute) if absolute.lower().endswith(".htd") else None
     if not os.path.isdir(absolute):
-        return False
-    return bool(_plate_folders(absolute))
+        return None
+    found = _plate_folders(absolute)
+    if not found:
+        return None
+    shown = _holds_plate(found[0])
+    return os.path.relpath(os.path.join(found[0], shown or ""), absolute)
 
 
 def read_imagexpress(path: str | os.PathLike[str], *, read_headers: bool = True) -> Plate:
@@ -143,6 +152,7 @@ def read_imagexpress(path: str | os.PathLike[str], *, read_headers: bool = True)
     try:
         try:
             scan.walk(root, "", None, None)
+            scan.add_projections()
         except OSError as error:
             raise PlateError(f"cannot list {error.filename or root}: {error.strerror or error}") from error
         if not scan.wells:
@@ -162,7 +172,7 @@ def read_imagexpress(path: str | os.PathLike[str], *, read_headers: bool = True)
     pixel_size: tuple[float, float] | None = None
     z_step: float | None = None
     if read_headers:
-        shape, dtype, pixel_size = _read_headers(root, scan, notes)
+        shape, dtype, pixel_size = _read_headers(root, scan.size_groups, notes)
         z_step = _z_step(root, wells, present["z"])
 
     rows, columns, geometry_note = _geometry(wells, htd)
@@ -200,23 +210,24 @@ def read_imagexpress(path: str | os.PathLike[str], *, read_headers: bool = True)
         plate_columns=columns,
         declared_missing=declared_missing,
         notes=tuple(notes),
+        projection_channels=tuple(sorted(scan.projection_channels)),
     )
 
 
 # ------------------------------------------------------------ finding the plate
-def _holds_plate(folder: str) -> bool:
-    """Whether ``folder`` directly holds images, ``TimePoint_`` or ``ZStep_`` folders."""
+def _holds_plate(folder: str) -> str | None:
+    """The first image, ``TimePoint_`` or ``ZStep_`` folder directly in ``folder``, or ``None``."""
     try:
         with os.scandir(folder) as entries:
             for entry in entries:
                 match = _IMAGE_NAME.match(entry.name)
                 if match is not None and match.group("thumb") is None:
-                    return True
+                    return entry.name
                 if _FOLDER_NAME.match(entry.name) and entry.is_dir():
-                    return True
+                    return entry.name + "/"
     except OSError:
-        return False
-    return False
+        return None
+    return None
 
 
 def _plate_folders(folder: str) -> list[str]:
@@ -285,6 +296,10 @@ class _Scan:
     prefixes: set[str | None] = field(default_factory=set)
     thumbs: Counter[int] = field(default_factory=Counter)
     projections: list[str] = field(default_factory=list)
+    #: Images beside ZStep_ folders, held until the walk knows which channels have planes.
+    pending_projections: list[tuple[str, int | None, list[tuple[re.Match[str], os.DirEntry[str]]]]] = field(
+        default_factory=list)
+    projection_channels: set[int] = field(default_factory=set)
     beside_timepoints: list[str] = field(default_factory=list)
     unrecognised: list[str] = field(default_factory=list)
     ignored_folders: list[str] = field(default_factory=list)
@@ -324,9 +339,15 @@ class _Scan:
             for number, name in sorted(timepoint_dirs):
                 self.walk(os.path.join(folder, name), f"{rel}{name}/", number, None)
         elif zstep_dirs and z is None:
-            # Beside ZStep_ folders sit projections (e.g. a maximum projection),
-            # not a plane: indexing them would add a plane that was never acquired.
-            self.projections.extend(rel + e.name for m, e in images if m.group("thumb") is None)
+            # Beside ZStep_ folders sit projections (e.g. a maximum projection), not a
+            # plane; whether a channel's projection is its only image is known after the walk.
+            kept = []
+            for match, entry in images:
+                if match.group("thumb") is None:
+                    kept.append((match, entry))
+                else:
+                    self.thumbs[_channel_of(match)] += 1
+            self.pending_projections.append((rel, timepoint, kept))
             self.ignored_folders.extend(rel + name for _, name in timepoint_dirs)
             for number, name in sorted(zstep_dirs):
                 self.walk(os.path.join(folder, name), f"{rel}{name}/", timepoint, number)
@@ -399,6 +420,20 @@ class _Scan:
                 if smallest is None or path < smallest:
                     size_groups[group_key] = path
 
+    def add_projections(self) -> None:
+        """Index, at ``z`` = 1, the projections of channels that have no planes; skip the others.
+
+        A MetaXpress export may hold a channel only as the projection beside the
+        ``ZStep_`` folders: that image is the channel's acquisition.
+        """
+        with_planes = {place[1] for place in self.places}
+        for rel, timepoint, images in self.pending_projections:
+            only = [(m, e) for m, e in images if _channel_of(m) not in with_planes]
+            self.projections.extend(rel + e.name for m, e in images if _channel_of(m) in with_planes)
+            self.projection_channels.update(_channel_of(m) for m, _ in only)
+            self._add(only, rel, timepoint, 1)
+        self.pending_projections.clear()
+
     def notes(self) -> list[str]:
         """Human-readable notes on what the walk skipped."""
         notes = []
@@ -406,8 +441,13 @@ class _Scan:
             notes.append(f"skipped {sum(self.thumbs.values())} _thumb preview file(s)")
         if self.projections:
             notes.append(
-                f"skipped {len(self.projections)} image(s) beside ZStep_ folders: they are projections, "
-                f"not planes ({_listing(sorted(self.projections), 3)})"
+                f"skipped {len(self.projections)} image(s) beside ZStep_ folders: they are projections of "
+                f"channels that have planes ({_listing(sorted(self.projections), 3)})"
+            )
+        if self.projection_channels:
+            notes.append(
+                f"channel(s) {_listing([str(c) for c in sorted(self.projection_channels)])} exist only as the "
+                "projection beside the ZStep_ folders: indexed as one plane (z 1)"
             )
         if self.beside_timepoints:
             notes.append(
@@ -425,6 +465,16 @@ class _Scan:
                 + _listing(sorted(self.ignored_folders), 3)
             )
         return notes
+
+
+def _channel_of(match: re.Match[str]) -> int:
+    """The channel number of a matched image name (1 where the name has no ``_w<n>``)."""
+    channel_text, tokens = match.group("channel"), match.group("tokens")
+    channel = 1 if channel_text is None else int(channel_text)
+    for token in tokens[1:].split("_") if tokens else ():
+        if token[0] == "w":
+            channel = int(token[1:])
+    return channel
 
 
 def _no_images_message(root: str, scan: _Scan) -> str:
@@ -480,72 +530,6 @@ def _present_values(places: set[_Place]) -> dict[str, tuple[int, ...]]:
 
 
 # -------------------------------------------------------------------- headers
-class _DamagedImage(PlateError):
-    """One file that cannot be read. Not the plate's fault: its well fails when it runs."""
-
-
-class _Header(NamedTuple):
-    path: str
-    shape: tuple[int, ...]
-    dtype: str
-    pixel_size: tuple[float, float] | None
-    z_position: float | None
-
-
-def _representatives(scan: _Scan, notes: list[str]) -> list[str]:
-    """One file per (channel, file size); a spread sample where sizes vary per file."""
-    by_channel: dict[int, list[tuple[int, str]]] = {}
-    for (channel, size), path in scan.size_groups.items():
-        by_channel.setdefault(channel, []).append((size, path))
-    chosen: list[str] = []
-    for channel in sorted(by_channel):
-        groups = sorted(by_channel[channel])
-        if len(groups) > _MAX_SIZE_GROUPS:
-            # The smallest and largest files are the likeliest odd ones out
-            # (truncated, another shape), so the sample always holds both.
-            step = (len(groups) - 1) / (_MAX_SIZE_GROUPS - 1)
-            picked = sorted({round(i * step) for i in range(_MAX_SIZE_GROUPS)})
-            notes.append(
-                f"channel {channel}: {len(groups)} distinct file sizes (compressed TIFFs?); "
-                f"read the headers of {len(picked)} files of spread sizes, not of every size"
-            )
-            groups = [groups[i] for i in picked]
-        chosen.extend(path for _, path in groups)
-    return chosen
-
-
-def _read_header(root: str, path: str, size: int | None) -> _Header:
-    full = os.path.join(root, path)
-    try:
-        with tifffile.TiffFile(full) as tif:
-            page = tif.pages.first
-            n_pages = len(tif.pages)
-            shape = tuple(int(n) for n in page.shape)
-            dtype = page.dtype
-            description = page.description
-            compressed = page.compression != 1
-            end = max((o + c for o, c in zip(page.dataoffsets, page.databytecounts)), default=0)
-    except Exception as error:  # tifffile raises many types for broken files
-        raise _DamagedImage(f"cannot read the TIFF header of {full}: {error}") from error
-    if dtype is None:
-        raise PlateError(f"{full} has a pixel type numpy cannot represent")
-    if n_pages != 1:
-        raise PlateError(f"{full} holds {n_pages} pages; ImageXpress images hold one plane per file")
-    if len(shape) != 2:
-        raise PlateError(f"{full} is not a 2-D grayscale image (shape {shape})")
-    if size is not None and not compressed and end > size:
-        raise _DamagedImage(f"{full} is truncated: its pixels end at byte {end} but the file has {size}")
-    props = _metaseries_props(description)
-    return _Header(path, shape, str(dtype), _pixel_size(props), _as_float(props.get("z-position")))
-
-
-def _as_float(text: str | None) -> float | None:
-    try:
-        return None if text is None else float(text)
-    except ValueError:
-        return None
-
-
 def _z_step(root: str, wells: tuple[Well, ...], zs: tuple[int, ...]) -> float | None:
     """Distance between the first two planes of one image stack, from their ``z-position``.
 
@@ -563,96 +547,11 @@ def _z_step(root: str, wells: tuple[Well, ...], zs: tuple[int, ...]) -> float | 
                   (key.site, key.channel, key.timepoint, zs[1])), None)
     if upper is None:
         return None
-    first = _read_header(root, lower[1], None).z_position
-    second = _read_header(root, upper, None).z_position
+    first = read_header(root, lower[1], None).z_position
+    second = read_header(root, upper, None).z_position
     if first is None or second is None or first == second:
         return None
     return abs(second - first) / (zs[1] - zs[0])
-
-
-def _read_headers(
-    root: str, scan: _Scan, notes: list[str]
-) -> tuple[tuple[int, int], str, tuple[float, float] | None]:
-    sizes = {path: size for (_, size), path in scan.size_groups.items()}
-    headers = []
-    for path in _representatives(scan, notes):
-        try:
-            headers.append(_read_header(root, path, sizes.get(path)))
-        except _DamagedImage as damage:
-            # One broken file must not stop the plate: its well fails with this path
-            # when it runs, and every other well is processed.
-            notes.append(f"damaged image, its well will fail: {damage}")
-    if not headers:
-        raise PlateError(f"plate {root}: no image header could be read; " + "; ".join(notes[-3:]))
-    by_shape: dict[tuple[int, ...], list[str]] = {}
-    by_dtype: dict[str, list[str]] = {}
-    for header in headers:
-        by_shape.setdefault(header.shape, []).append(header.path)
-        by_dtype.setdefault(header.dtype, []).append(header.path)
-    problems = []
-    if len(by_shape) > 1:
-        problems.append(
-            "images differ in shape: "
-            + "; ".join(f"{shape} e.g. {_listing(paths, 3)}" for shape, paths in sorted(by_shape.items()))
-        )
-    if len(by_dtype) > 1:
-        problems.append(
-            "images differ in dtype: "
-            + "; ".join(f"{dtype} e.g. {_listing(paths, 3)}" for dtype, paths in sorted(by_dtype.items()))
-        )
-    if problems:
-        raise PlateError(f"plate {root}: " + ". ".join(problems))
-    first = headers[0]
-    pixel_sizes = {h.pixel_size for h in headers}
-    if len(pixel_sizes) > 1:
-        notes.append(
-            "pixel sizes differ between files: "
-            + "; ".join(
-                f"{size} um in {h.path}" for size, h in {h.pixel_size: h for h in headers}.items()
-            )
-            + f"; using {first.pixel_size}"
-        )
-    shape = (first.shape[0], first.shape[1])
-    return shape, first.dtype, first.pixel_size
-
-
-_LENGTH_UNITS_IN_UM = {"um": 1.0, "µm": 1.0, "μm": 1.0, "micron": 1.0, "microns": 1.0, "nm": 1e-3, "mm": 1e3}
-
-
-def _metaseries_props(description: str) -> dict[str, str]:
-    """The ``<prop id=… value=…>`` pairs of a MetaMorph/MetaSeries XML ImageDescription.
-
-    ``TiffFile.metaseries_metadata`` parses the same XML into
-    ``{"PlaneInfo": {"spatial-calibration-x": 0.65, ...}}``, but only when the
-    Software tag is exactly ``MetaSeries``; MetaMorph-written files and re-saved
-    exports carry the XML under other Software tags, so the XML is read here.
-    """
-    text = description.strip()
-    if not text.startswith("<MetaData>"):
-        return {}
-    try:
-        root = ElementTree.fromstring(text)
-    except ElementTree.ParseError:
-        return {}
-    return {p.get("id", ""): p.get("value", "") for p in root.iter("prop")}
-
-
-def _pixel_size(props: dict[str, str]) -> tuple[float, float] | None:
-    """``(y, x)`` pixel size in µm from the MetaSeries spatial calibration."""
-    if props.get("spatial-calibration-state", "on").lower() in ("off", "false", "0"):
-        return None
-    units = props.get("spatial-calibration-units", "um").strip()
-    factor = _LENGTH_UNITS_IN_UM.get(units)
-    if factor is None:
-        return None  # "pixel" or unknown units: no physical size
-    try:
-        x = float(props["spatial-calibration-x"]) * factor
-        y = float(props.get("spatial-calibration-y", props["spatial-calibration-x"])) * factor
-    except (KeyError, ValueError):
-        return None
-    if not (x > 0 and y > 0):
-        return None
-    return (y, x)
 
 
 # ------------------------------------------------------------------------- HTD
@@ -807,10 +706,3 @@ def _declared_missing(
     missing_numbers("z", htd.z_steps, "z step")
     missing_numbers("timepoint", htd.timepoints, "timepoint")
     return tuple(lines)
-
-
-def _listing(items: list[str], limit: int = _MAX_LISTED) -> str:
-    shown = ", ".join(items[:limit])
-    if len(items) > limit:
-        shown += f" and {len(items) - limit} more"
-    return shown

@@ -1,17 +1,16 @@
-"""Synthetic ImageXpress plates with known nucleus counts, for tests and demos.
+"""Synthetic plates with known nucleus counts, in every vendor layout, for tests and demos.
 
 The images imitate a nuclear stain (channel 1) and cytoplasmic stains (further
 channels) closely enough that a real pipeline (smooth, threshold, split touching
 nuclei by watershed, count) gives meaningful answers, and the true counts are
-written beside the plate in ``ground_truth.csv``.
+written beside the plate in ``ground_truth.csv``. The file names and the vendor
+metadata files of each format come from :mod:`hcs_dask.formats._synthetic_layouts`.
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
-import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,14 +21,13 @@ import tifffile
 from numpy.typing import NDArray
 from scipy import ndimage
 
+from hcs_dask.formats._synthetic_layouts import LAYOUTS, PlateSpec
 from hcs_dask.plate import row_name
 
-__all__ = ["write_synthetic_plate"]
+__all__ = ["write_synthetic_plate", "SYNTHETIC_FORMATS"]
 
-_WAVE_NAMES = ("DAPI", "FITC", "TRITC", "Cy5")
-_WAVELENGTHS_NM = (452, 520, 590, 670)
-_PIXEL_SIZE_UM = 0.65
-_Z_STEP_UM = 2.0
+#: The layouts :func:`write_synthetic_plate` writes.
+SYNTHETIC_FORMATS: tuple[str, ...] = tuple(LAYOUTS)
 #: Intensities are designed in uint16 counts and scaled to the dtype, so that
 #: every dtype keeps its values well inside its range (peak ≈ 6% of uint16, 80% of uint8).
 _SCALE = {"uint16": 1.0, "uint8": 1.0 / 16.0, "float32": 1.0 / 6000.0}
@@ -41,6 +39,8 @@ _NUCLEI_PER_SITE = (20, 60)
 _STANDARD_PLATES = ((96, 8, 12), (384, 16, 24), (1536, 32, 48))
 # Seed-sequence tags keep the random streams of layout, timepoints and optics apart.
 _LAYOUT, _TIMEPOINT, _OPTICS = 0, 1, 2
+#: A ``_thumb`` preview's edge, as a fraction of the image's.
+_THUMB_SHRINK = 4
 
 #: Images are computed in float32: enough precision, half the memory traffic.
 _Float = NDArray[np.float32]
@@ -58,8 +58,10 @@ def write_synthetic_plate(
     seed: int = 0,
     prefix: str = "Synthetic",
     dtype: str = "uint16",
+    format: str = "imagexpress",
+    mixed_depth: bool = False,
 ) -> Path:
-    """Write an ImageXpress-layout plate of synthetic nuclei images.
+    """Write a plate of synthetic nuclei images in a vendor's layout.
 
     Parameters
     ----------
@@ -71,21 +73,35 @@ def write_synthetic_plate(
         standard plate that holds them (96, 384 or 1536 wells).
     sites, channels, z, timepoints
         Sites per well, channels (1 = nuclei, others = cytoplasm), z planes (in
-        ``ZStep_<n>/`` folders when above 1, in focus at the middle plane) and
-        timepoints (in ``TimePoint_<n>/`` folders when above 1, nuclei drift a little).
+        focus at the middle plane) and timepoints (nuclei drift a little).
     size
         Image side in pixels (at least 32).
     seed
         Non-negative seed. One seed writes byte-identical files.
     prefix
-        Plate name, the file-name prefix; ``""`` writes names without a prefix.
+        Plate name: the file-name prefix (ImageXpress, CellVoyager) or the plate
+        name of the index (Opera Phenix); ``""`` writes ImageXpress names without a prefix.
     dtype
         ``"uint16"``, ``"uint8"`` or ``"float32"``.
+    format
+        ``"imagexpress"``: ``[TimePoint_<t>/][ZStep_<z>/]<prefix>_<well>_s<site>_w<channel><GUID>.tif``
+        and ``<prefix>.HTD``, with MetaSeries XML in every TIFF.
+        ``"operaphenix"``: ``Images/r<RR>c<CC>f<FF>p<PP>-ch<C>sk<T>fk1fl1.tiff`` and
+        ``Images/Index.idx.xml`` (Harmony 6 style: channels in ``Maps``).
+        ``"cellvoyager"``: ``<prefix>_<well>_T<t>F<f>L01A01Z<z>C<c>.tif``,
+        ``MeasurementData.mlf`` (with one ``ERR`` record), ``MeasurementDetail.mrf``
+        and the ``<prefix>.mes`` protocol holding the channel names.
+    mixed_depth
+        ImageXpress only, as real MetaXpress exports mix it: the last channel is
+        taken in ``ZStep_1`` only, the one before it exists only as a maximum
+        projection beside the ``ZStep_`` folders, every other channel is a full
+        z-stack with its projection beside the folders, and every channel has a
+        ``_thumb`` preview there. Needs ``channels >= 3`` and ``z >= 2``.
 
     Returns
     -------
     Path
-        The absolute plate folder, holding the images, ``<prefix>.HTD`` and
+        The absolute plate folder, holding the images, the metadata files and
         ``ground_truth.csv`` (columns ``well,site,timepoint,nuclei``).
 
     Raises
@@ -103,21 +119,22 @@ def write_synthetic_plate(
     2
     """
     _validate(wells=wells, sites=sites, channels=channels, z=z, timepoints=timepoints,
-              size=size, seed=seed, prefix=prefix, dtype=dtype)
+              size=size, seed=seed, prefix=prefix, dtype=dtype, format=format, mixed_depth=mixed_depth)
     folder = Path(os.path.abspath(directory))  # normalised as the reader normalises its root
     if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
         raise FileExistsError(f"{folder} exists and is not an empty folder; write the plate elsewhere")
 
     rows, columns = next((r, c) for n, r, c in _STANDARD_PLATES if wells <= n)
-    well_names = [f"{row_name(i // columns)}{i % columns + 1:02d}" for i in range(wells)]
+    well_names = tuple(f"{row_name(i // columns)}{i % columns + 1:02d}" for i in range(wells))
+    plate = PlateSpec(wells=well_names, rows=rows, columns=columns, sites=sites, channels=channels, z=z,
+                      timepoints=timepoints, size=size, prefix=prefix, seed=seed, mixed_depth=mixed_depth)
+    layout = LAYOUTS[format](plate)
     folder.mkdir(parents=True, exist_ok=True)
-    for t in range(1, timepoints + 1):
-        for zi in range(1, z + 1):
-            _plane_folder(folder, t, zi, timepoints, z).mkdir(parents=True, exist_ok=True)
+    for relative in layout.folders():
+        (folder / relative).mkdir(parents=True, exist_ok=True)
 
     spec = _Spec(
-        folder=folder, seed=seed, sites=sites, channels=channels, z=z, timepoints=timepoints,
-        size=size, prefix=prefix, dtype=dtype,
+        folder=folder, plate=plate, layout=layout, dtype=dtype,
         illumination=tuple(_illumination(size, seed, channel) for channel in range(1, channels + 1)),
     )
     # Sites are independent (each has its own seeded streams), so threads change
@@ -126,9 +143,8 @@ def write_synthetic_plate(
     with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
         truth_rows = pool.map(lambda job: _write_site(spec, *job), jobs)
         truth = ["well,site,timepoint,nuclei"] + [row for rows_of_site in truth_rows for row in rows_of_site]
-    (folder / f"{prefix or 'plate'}.HTD").write_bytes(
-        _htd(rows, columns, wells, sites, channels, z, timepoints, seed).encode("ascii")
-    )
+    for relative, data in layout.metadata().items():
+        (folder / relative).write_bytes(data)
     (folder / "ground_truth.csv").write_text("\n".join(truth) + "\n", encoding="ascii")
     return folder
 
@@ -152,81 +168,15 @@ def _validate(**values: object) -> None:
         raise ValueError(f"prefix must hold only ASCII letters, digits, '-' and '_', not {prefix!r}")
     if values["dtype"] not in _SCALE:
         raise ValueError(f"dtype must be one of {', '.join(_SCALE)}, not {values['dtype']!r}")
-
-
-# ------------------------------------------------------------------- layout
-def _plane_folder(folder: Path, t: int, zi: int, timepoints: int, z: int) -> Path:
-    if timepoints > 1:
-        folder = folder / f"TimePoint_{t}"
-    if z > 1:
-        folder = folder / f"ZStep_{zi}"
-    return folder
-
-
-def _guid(seed: int, well: str, site: int, channel: int, zi: int, t: int) -> str:
-    """A GUID that depends only on the seed and the image, as MetaXpress appends one per file."""
-    digest = hashlib.blake2b(f"{seed}/{well}/{site}/{channel}/{zi}/{t}".encode(), digest_size=16).digest()
-    return str(uuid.UUID(bytes=digest)).upper()
-
-
-def _metaseries_xml(well: str, site: int, channel: int, zi: int, size: int, itemsize: int) -> str:
-    wave = _wave_name(channel)
-    wavelength = _WAVELENGTHS_NM[channel - 1] if channel <= len(_WAVELENGTHS_NM) else 700 + 50 * channel
-    props = [
-        ("pixel-size-x", "int", size),
-        ("pixel-size-y", "int", size),
-        ("bits-per-pixel", "int", 8 * itemsize),
-        ("spatial-calibration-state", "bool", "on"),
-        ("spatial-calibration-x", "float", _PIXEL_SIZE_UM),
-        ("spatial-calibration-y", "float", _PIXEL_SIZE_UM),
-        ("spatial-calibration-units", "string", "um"),
-        ("image-name", "string", wave),
-        ("stage-label", "string", f"{well} : Site {site}"),
-        ("z-position", "float", round((zi - 1) * _Z_STEP_UM, 3)),
-        ("wavelength", "float", wavelength),
-        ("_IllumSetting_", "string", wave),
-    ]
-    plane = "".join(f'<prop id="{i}" type="{t}" value="{v}"/>\r\n' for i, t, v in props)
-    return (
-        "<MetaData>\r\n"
-        '<prop id="Description" type="string" value="synthetic image written by hcs_dask"/>\r\n'
-        '<prop id="MetaDataVersion" type="float" value="1"/>\r\n'
-        f"<PlaneInfo>\r\n{plane}</PlaneInfo>\r\n"
-        '<SetInfo>\r\n<prop id="number-of-planes" type="int" value="1"/>\r\n</SetInfo>\r\n'
-        "</MetaData>"
-    )
-
-
-def _wave_name(channel: int) -> str:
-    return _WAVE_NAMES[channel - 1] if channel <= len(_WAVE_NAMES) else f"w{channel}"
-
-
-def _htd(rows: int, columns: int, wells: int, sites: int, channels: int, z: int, timepoints: int,
-         seed: int) -> str:
-    def flags(count: int, total: int) -> str:
-        return ", ".join("TRUE" if i < count else "FALSE" for i in range(total))
-
-    y_sites = max(1, math.isqrt(sites))
-    x_sites = math.ceil(sites / y_sites)
-    lines = [
-        '"HTSInfoFile", Version 1.0',
-        '"Description", "Synthetic plate written by hcs_dask"',
-        '"PlateType", 6',
-        f'"TimePoints", {timepoints}',
-        f'"ZSeries", {"TRUE" if z > 1 else "FALSE"}',
-        f'"ZSteps", {z}',
-        '"ZProjection", FALSE',
-        f'"XWells", {columns}',
-        f'"YWells", {rows}',
-    ]
-    lines += [f'"WellsSelection{r + 1}", {flags(wells - r * columns, columns)}' for r in range(rows)]
-    lines += [f'"Sites", {"TRUE" if sites > 1 else "FALSE"}', f'"XSites", {x_sites}', f'"YSites", {y_sites}']
-    lines += [f'"SiteSelection{r + 1}", {flags(sites - r * x_sites, x_sites)}' for r in range(y_sites)]
-    lines += ['"Waves", TRUE', f'"NWavelengths", {channels}']
-    lines += [f'"WaveName{c}", "{_wave_name(c)}"' for c in range(1, channels + 1)]
-    lines += [f'"WaveCollect{c}", 1' for c in range(1, channels + 1)]
-    lines += [f'"UniquePlateIdentifier", "{_guid(seed, "plate", 0, 0, 0, 0)}"', '"EndFile"']
-    return "\r\n".join(lines) + "\r\n"
+    if values["format"] not in LAYOUTS:
+        raise ValueError(f"format must be one of {', '.join(LAYOUTS)}, not {values['format']!r}")
+    if values["mixed_depth"]:
+        if values["format"] != "imagexpress":
+            raise ValueError(f"mixed_depth is an ImageXpress layout; format {values['format']!r} has no projections "
+                             "beside ZStep_ folders")
+        if values["channels"] < 3 or values["z"] < 2:  # type: ignore[operator]
+            raise ValueError(f"mixed_depth needs channels >= 3 and z >= 2 (a z-stack, a projection-only and a "
+                             f"single-plane channel), not channels={values['channels']}, z={values['z']}")
 
 
 # ------------------------------------------------------------------ writing
@@ -235,46 +185,59 @@ class _Spec:
     """Everything a site needs to write its images."""
 
     folder: Path
-    seed: int
-    sites: int
-    channels: int
-    z: int
-    timepoints: int
-    size: int
-    prefix: str
+    plate: PlateSpec
+    layout: Any
     dtype: str
     illumination: tuple[_Float, ...]
 
 
+def _write_tiff(spec: _Spec, relative: str, image: NDArray[Any], description: str | None) -> None:
+    tifffile.imwrite(
+        spec.folder / relative,
+        image,
+        description=description,
+        software=spec.layout.software,
+        metadata=None,  # no tifffile JSON description: no instrument writes one
+    )
+
+
 def _write_site(spec: _Spec, well_index: int, well: str, site: int) -> list[str]:
     """Write every image of one site (all timepoints, channels, planes); return its truth rows."""
+    plate, layout = spec.plate, spec.layout
     scale = _SCALE[spec.dtype]
     info = None if spec.dtype == "float32" else np.iinfo(spec.dtype)
-    cells = _place_nuclei(np.random.default_rng([spec.seed, _LAYOUT, well_index, site]), spec.size)
+    cells = _place_nuclei(np.random.default_rng([plate.seed, _LAYOUT, well_index, site]), plate.size)
     drift = np.zeros_like(cells.centres)
     truth = []
-    for t in range(1, spec.timepoints + 1):
-        rng = np.random.default_rng([spec.seed, _TIMEPOINT, well_index, site, t])
+    for t in range(1, plate.timepoints + 1):
+        rng = np.random.default_rng([plate.seed, _TIMEPOINT, well_index, site, t])
         if t > 1:
             # A bounded random walk: cells move a little between timepoints but
             # never leave the frame, so the true count stays exact.
             step = rng.normal(0.0, 0.4 * cells.max_drift, drift.shape)
             drift = np.clip(drift + step, -cells.max_drift, cells.max_drift)
-        signals = _render_site(rng, cells, cells.centres + drift, spec.size, spec.channels)
+        signals = _render_site(rng, cells, cells.centres + drift, plate.size, plate.channels)
         truth.append(f"{well},{site},{t},{len(cells.radii)}")
         for channel, signal in enumerate(signals, start=1):
-            for zi in range(1, spec.z + 1):
-                plane = _image(rng, signal, spec.illumination[channel - 1], zi, spec.z, spec.size, scale, info,
+            written = plate.planes(channel)
+            projection = None
+            # Every plane is rendered, written or not, so that the noise streams (and
+            # the files) of a channel do not depend on what its neighbours write.
+            for zi in range(1, plate.z + 1):
+                image = _image(rng, signal, spec.illumination[channel - 1], zi, plate.z, plate.size, scale, info,
                                spec.dtype)
-                name = f"{spec.prefix}_{well}" if spec.prefix else well
-                name += f"_s{site}_w{channel}{_guid(spec.seed, well, site, channel, zi, t)}.tif"
-                tifffile.imwrite(
-                    _plane_folder(spec.folder, t, zi, spec.timepoints, spec.z) / name,
-                    plane,
-                    description=_metaseries_xml(well, site, channel, zi, spec.size, plane.dtype.itemsize),
-                    software="MetaSeries",
-                    metadata=None,  # no tifffile JSON description: MetaXpress writes none
-                )
+                if zi in written:
+                    _write_tiff(spec, layout.plane(well, site, channel, zi, t), image,
+                                layout.description(well, site, channel, zi, image.dtype.itemsize))
+                if plate.projected(channel) or plate.mixed_depth:
+                    projection = image if projection is None else np.maximum(projection, image)
+            if projection is not None and plate.projected(channel):
+                _write_tiff(spec, layout.projection(well, site, channel, t), projection,
+                            layout.description(well, site, channel, None, projection.dtype.itemsize))
+            if projection is not None and plate.mixed_depth:
+                thumb = projection[::_THUMB_SHRINK, ::_THUMB_SHRINK]
+                _write_tiff(spec, layout.thumb(well, site, channel, t), thumb,
+                            layout.description(well, site, channel, None, thumb.dtype.itemsize))
     return truth
 
 

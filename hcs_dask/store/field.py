@@ -65,10 +65,16 @@ class FieldWriter:
     reader sees it before the well lists the field (:func:`hcs_dask.store.commit_well`).
     """
 
-    def __init__(self, output: str | Path, path: str, layout: FieldLayout) -> None:
+    def __init__(self, output: str | Path, path: str, layout: FieldLayout, *,
+                 translation_um: tuple[float, float] | None = None,
+                 channel_planes: tuple[tuple[int, ...], ...] | None = None) -> None:
         self.output = Path(output)
         self.path = path
         self.layout = layout
+        #: The field's (y, x) stage position in µm: a ``translation`` on every level.
+        self.translation_um = translation_um
+        #: Per channel, the ``z`` indices that hold data, where channels differ in depth.
+        self.channel_planes = channel_planes
         self._arrays: list[zarr.Array] | None = None
         self._group: dict[str, Any] | None = None
         self._ranges: dict[int, tuple[float, float]] = {}
@@ -82,6 +88,11 @@ class FieldWriter:
         folder.mkdir(parents=True)
         group = json.loads(files["zarr.json"])
         group["attributes"]["ome"]["multiscales"][0]["name"] = self.path
+        # Per field, not per layout: patched into the shared template rather than cached with it.
+        if self.translation_um is not None:
+            _add_translation(group["attributes"]["ome"]["multiscales"][0], self.layout, self.translation_um)
+        if self.channel_planes is not None:
+            group["attributes"]["hcs_dask"] = {"channel_planes": [list(p) for p in self.channel_planes]}
         self._group = group
         for key, data in files.items():
             if key != "zarr.json":
@@ -175,6 +186,16 @@ def _field_template(layout: FieldLayout) -> tuple[dict[str, bytes], tuple[Any, .
 
     files = metadata_files(build)
     return files, tuple(array.metadata for array in arrays)
+
+
+def _add_translation(multiscale: dict[str, Any], layout: FieldLayout, position_um: tuple[float, float]) -> None:
+    """Append a ``translation`` to every level: the field's position, plus half a level-0 pixel per halving."""
+    py, px = layout.pixel_size_um or (1.0, 1.0)
+    for level, dataset in enumerate(multiscale["datasets"]):
+        shift = (2**level - 1) / 2
+        offset = {"y": position_um[0] + shift * py, "x": position_um[1] + shift * px}
+        dataset["coordinateTransformations"].append(
+            {"type": "translation", "translation": [float(offset.get(a, 0.0)) for a in layout.axes]})
 
 
 def _has_unit(layout: FieldLayout, axis: str) -> bool:
