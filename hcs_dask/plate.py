@@ -283,9 +283,9 @@ class Plate:
     def _repr_html_(self) -> str:
         from hcs_dask._html import escape, plate_grid
 
-        complete = len(self.sites) * len(self.channels) * len(self.zs) * len(self.timepoints)
-        classes = {w.name: "imaged" if len(w.files) == complete else "incomplete" for w in self.wells}
-        channels = ", ".join(f"{c}: {self.channel_name(c)}" for c in self.channels)
+        classes = {w.name: "imaged" if len(w.files) == self._images_per_well else "incomplete" for w in self.wells}
+        depths = {} if self.uniform_depth else {c: f" ({len(self.channel_z(c))} z)" for c in self.channels}
+        channels = ", ".join(f"{c}: {self.channel_name(c)}{depths.get(c, '')}" for c in self.channels)
         pixel = "unknown" if self.pixel_size_um is None else \
             f"{self.pixel_size_um[0]:g} × {self.pixel_size_um[1]:g} µm"
         if self.z_step_um is not None:
@@ -311,6 +311,11 @@ class Plate:
         return f"<b>Plate {escape(self.name)}</b><table>{body}</table>{grid}"
 
     # ----------------------------------------------------------- consistency
+    @cached_property
+    def _images_per_well(self) -> int:
+        """How many images a complete well has."""
+        return len(self.sites) * len(self.timepoints) * sum(len(zs) for zs in self._channel_z.values())
+
     def gaps(self) -> list[str]:
         """Every image that a well lacks although its siblings have it.
 
@@ -320,7 +325,7 @@ class Plate:
         sentence per well, naming what is missing; empty when the plate is complete.
         """
         depth = self._channel_z
-        expected = len(self.sites) * len(self.timepoints) * sum(len(zs) for zs in depth.values())
+        expected = self._images_per_well
         problems = []
         for well in self.wells:
             if len(well.files) == expected:
