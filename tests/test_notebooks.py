@@ -48,6 +48,10 @@ def test_notebook_runs(path, tmp_path):
                 if o.get("name") == "stderr" and "Warning" in o.get("text", "")]
     assert not warnings, warnings
     if path.stem == "quickstart":
+        # The well that failed on purpose ran in a worker; its traceback shows the cell's line.
+        printed = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", [])
+                          if o.get("name") == "stdout")
+        assert 'raise ValueError(f"well {context.well} is out of focus' in printed and "ipykernel" in printed
         figures = _pngs(notebook)
         assert len(figures) >= 3  # the measurement map, the well's composite, the status map
         for png in figures:

@@ -19,6 +19,7 @@ from hcs_dask.plate import row_name
 from hcs_dask.results import ExecutionResult
 from hcs_dask.store import Manifest
 
+GRAPH = Path(__file__).parent / "faulty_graph.py"
 #: An error message that would be markup if it were not escaped.
 NASTY = "segmentation found <0> objects in <b>DAPI</b><script>alert(1)</script>"
 
@@ -294,6 +295,8 @@ def test_rerun_failed_with_the_fixed_step_after_a_deliberate_failure(synthetic_s
     shown = CliRunner().invoke(main, ["inspect", str(output)])
     assert shown.exit_code == 0, shown.output
     assert "mixed: the ok wells come from 2 versions of the pipeline" in shown.output
+    as_json = json.loads(CliRunner().invoke(main, ["inspect", str(output), "--json"]).output)
+    assert as_json["mixed"] is True and as_json["counts"] == {"ok": 4} and as_json["failures"] == []
     assert fixed.rerun_failed() is fixed  # nothing left to run
 
 
@@ -347,6 +350,10 @@ def test_skip_incomplete_runs_the_complete_wells_and_records_the_others(syntheti
     ome_zarr_models.open_ome_zarr(output)  # the skipped well is listed, with no images
     again = result.rerun_failed(client=client, progress=False)
     assert again.counts() == {"ok": 3, "skipped": 1}
+    shown = CliRunner().invoke(main, ["run", str(GRAPH), str(root), "-o", str(tmp_path / "cli.ome.zarr"),
+                                      "--workers", "1", "--skip-incomplete"])
+    assert shown.exit_code == 1, shown.output  # not every well is ok
+    assert "3 ok, 1 skipped" in shown.output and "A02: skipped: well A02 lacks 1 image(s)" in shown.output
 
 
 def test_a_run_whose_first_wells_fail_in_one_step_stops_early(tmp_path, client):
