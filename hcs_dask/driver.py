@@ -191,7 +191,8 @@ def submit_plate(
         ``n_workers``, ``threads_per_worker``, ``memory_limit``, ``cluster``,
         ``cluster_options``) and of :class:`hcs_dask.options.RunPolicy`
         (``well_timeout``, ``worker_death_retries``, ``failure_retries``,
-        ``stall_timeout``, ``manifest``, ``overwrite``, ``resume``).
+        ``stall_timeout``, ``manifest``, ``overwrite``, ``resume``, ``resources``,
+        ``max_failures``, ``skip_incomplete``, ``accept_changed_pipeline``, ``table_format``).
 
     Returns
     -------
