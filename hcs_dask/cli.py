@@ -10,15 +10,19 @@ import json
 import sys
 import time
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import click
+import dask
 
 from hcs_dask.cluster import ClusterError
 from hcs_dask.compile import CompileError
 from hcs_dask.formats import PlateError, PlateWarning, open_plate, write_synthetic_plate
 from hcs_dask.formats.synthetic import SYNTHETIC_FORMATS
 from hcs_dask.options import OptionError, split_options
+from hcs_dask.hpc import HPC_KINDS
 from hcs_dask.pipeline import PipelineError, load_pipeline
 from hcs_dask.results import PlateResult
 from hcs_dask.store import Manifest, OutputError
@@ -79,6 +83,64 @@ def _run(graph: str, plate_path: str, output: str, *, device: str, summary: str 
     return result
 
 
+# ------------------------------------------------------- scale-out options of `run`
+#: The options that _scale_out_options adds to `run`, as its parameters are named.
+SCALE_OUT_PARAMETERS = ("jobs", "cluster_option", "tls_ca_file", "tls_cert", "tls_key")
+
+
+def _scale_out_options(command):
+    """--jobs and --cluster-option for --cluster slurm|pbs|lsf|sge; the TLS files for any scheduler."""
+    options = [
+        click.option("--jobs", type=int, default=None,
+                     help="--cluster slurm|pbs|lsf|sge: batch jobs of Dask workers to keep running [1]."),
+        click.option("--cluster-option", multiple=True, metavar="KEY=VALUE",
+                     help="--cluster slurm|pbs|lsf|sge: a dask-jobqueue option (walltime=01:00:00, cores=8, "
+                          "memory=32GB, queue=gpu, ...), over the Dask config's jobqueue.<kind>.*; repeatable."),
+        click.option("--tls-ca-file", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="CA certificate of a tls:// scheduler (as dask worker --tls-ca-file)."),
+        click.option("--tls-cert", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="Certificate this client presents to a tls:// scheduler."),
+        click.option("--tls-key", type=click.Path(exists=True, dir_okay=False), default=None,
+                     help="Private key of --tls-cert (omit when the certificate file holds it)."),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
+@contextmanager
+def _scaled_out(cluster: str, options: dict) -> Iterator[dict]:
+    """Pop the scale-out options from ``options``; yield the cluster options they add.
+
+    Within the block the TLS files are the Dask config's, and a SIGTERM unwinds (so a
+    batch system's jobs are cancelled). A bad combination exits 2 before anything runs.
+    """
+    from hcs_dask.hpc import parse_cluster_options, sigterm_raises
+
+    jobs, items, ca_file, cert, key = (options.pop(name) for name in SCALE_OUT_PARAMETERS)
+    extra: dict = {}
+    try:
+        if cluster in HPC_KINDS:
+            extra = {**parse_cluster_options(items), "jobs": 1 if jobs is None else jobs}
+        elif jobs is not None or items:
+            raise ClusterError(f"--jobs and --cluster-option apply to --cluster {'|'.join(HPC_KINDS)}, "
+                               f"not --cluster {cluster}")
+        if (ca_file or cert or key) and not (ca_file and cert):  # distributed's TLS always presents a certificate
+            raise ClusterError("TLS needs --tls-ca-file and --tls-cert (and --tls-key unless the certificate "
+                               "file holds the key)")
+    except ClusterError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(2)
+    tls = {}
+    if ca_file:
+        cert_key = key or cert
+        tls = {"distributed.comm.tls.ca-file": ca_file}
+        for role in ("client", "scheduler", "worker"):  # a batch system's scheduler and workers too
+            tls |= {f"distributed.comm.tls.{role}.cert": cert, f"distributed.comm.tls.{role}.key": cert_key}
+    with dask.config.set(tls), sigterm_raises():
+        yield extra
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="hcs-dask")
 def main() -> None:
@@ -106,9 +168,11 @@ def main() -> None:
               help="How often a well whose worker died is tried again.")
 @click.option("--stall-timeout", type=float, default=300, show_default=True,
               help="Seconds without progress after which the run reports which wells are stuck where.")
-@click.option("--cluster", type=click.Choice(["local", "cuda"]), default="local", show_default=True,
+@click.option("--cluster", type=click.Choice(["local", "cuda", *HPC_KINDS]), default="local",
+              show_default=True,
               help="The embedded cluster: 'local' (one worker per core) or 'cuda' (dask-cuda: one worker "
-                   "per GPU, offering the GPU resource that --device gpu steps ask for).")
+                   "per GPU, offering the GPU resource that --device gpu steps ask for); or a batch system "
+                   "through dask-jobqueue (see --jobs, --cluster-option; pip install 'hcs-dask[hpc]').")
 @click.option("--rmm-pool-size", default=None,
               help="--cluster cuda: an RMM pool per GPU worker: bytes, a size such as 8GB, or a fraction "
                    "of the device's memory such as 0.5.")
@@ -137,21 +201,23 @@ def main() -> None:
               help="Stop starting wells when the first N to end all failed in the same step (0: never stop).")
 @click.option("--table-format", type=click.Choice(["csv", "parquet"]), default="csv", show_default=True,
               help="The format of the measurement table beside the store.")
+@_scale_out_options
 def run(graph: str, plate: str, output: str, workers: int | None, threads_per_worker: int,
         scheduler: str | None, device: str, summary: str | None, overwrite: bool, resume: bool,
         well_timeout: float | None, memory_limit: str, worker_death_retries: int, stall_timeout: float,
         cluster: str, wells: str | None, skip_incomplete: bool, accept_changed_pipeline: bool,
         max_failures: int, table_format: str, **rmm_options: object) -> None:
     """Run GRAPH (a pipeline file, or a bundled graph's name) on the PLATE folder."""
-    # Only the RMM options given: flags left off are no options at all.
-    given = {name: value for name, value in rmm_options.items() if value not in (None, False)}
-    result = _run(graph, plate, output, device=device, summary=summary, wells=wells, n_workers=workers,
-                  threads_per_worker=threads_per_worker, scheduler=scheduler, overwrite=overwrite,
-                  resume=resume, well_timeout=well_timeout, memory_limit=memory_limit,
-                  worker_death_retries=worker_death_retries, stall_timeout=stall_timeout,
-                  cluster=cluster, cluster_options=given, skip_incomplete=skip_incomplete,
-                  accept_changed_pipeline=accept_changed_pipeline, max_failures=max_failures or None,
-                  table_format=table_format)
+    with _scaled_out(cluster, rmm_options) as scale_out:
+        # Only the RMM options given: flags left off are no options at all.
+        given = {name: value for name, value in rmm_options.items() if value not in (None, False)}
+        result = _run(graph, plate, output, device=device, summary=summary, wells=wells, n_workers=workers,
+                      threads_per_worker=threads_per_worker, scheduler=scheduler, overwrite=overwrite,
+                      resume=resume, well_timeout=well_timeout, memory_limit=memory_limit,
+                      worker_death_retries=worker_death_retries, stall_timeout=stall_timeout,
+                      cluster=cluster, cluster_options={**given, **scale_out}, skip_incomplete=skip_incomplete,
+                      accept_changed_pipeline=accept_changed_pipeline, max_failures=max_failures or None,
+                      table_format=table_format)
     sys.exit(0 if result.ok else 1)
 
 

@@ -154,8 +154,9 @@ def check_cluster(
 
     Parameters
     ----------
-    cluster : {"local", "cuda"}
-        The kind of embedded cluster.
+    cluster : {"local", "cuda", "slurm", "pbs", "lsf", "sge"}
+        The kind of embedded cluster, or a batch system (checked by
+        :func:`hcs_dask.hpc.check_hpc_options`).
     client, scheduler, n_workers, threads_per_worker, **cluster_options
         As given to :func:`connect`.
 
@@ -182,8 +183,15 @@ def check_cluster(
                 f"existing {'client' if client is not None else 'scheduler'}"
             )
         return
+    from hcs_dask import hpc  # batch systems through dask-jobqueue
+
+    if cluster in hpc.HPC_KINDS:
+        hpc.check_hpc_options(cluster, n_workers=n_workers, threads_per_worker=threads_per_worker,
+                              **cluster_options)
+        return
     if cluster not in CLUSTER_KINDS:
-        raise ClusterOptionError(f"unknown cluster kind {cluster!r}; use 'local' or 'cuda'")
+        raise ClusterOptionError(f"unknown cluster kind {cluster!r}; use 'local', 'cuda' or a batch system "
+                                 f"({', '.join(hpc.HPC_KINDS)})")
     if cluster == "local":
         if given:
             raise ClusterOptionError(
@@ -408,10 +416,12 @@ def connect(
         The embedded cluster's workers (``"local"``: default one per core;
         ``"cuda"``: default one per visible GPU, and one thread each) and their host
         memory limit.
-    cluster : {"local", "cuda"}
+    cluster : {"local", "cuda", "slurm", "pbs", "lsf", "sge"}
         ``"local"``: ``distributed.LocalCluster(processes=True)``. ``"cuda"``:
         ``dask_cuda.LocalCUDACluster``, whose workers offer ``resources={"GPU": 1}``
         and start with :data:`CUDA_WORKER_CONFIG` (JAX's preallocation off).
+        A batch system: :func:`hcs_dask.hpc.hpc_client` with ``cluster_options`` (``jobs``
+        and dask-jobqueue's options); its jobs are cancelled on exit.
     **cluster_options
         Passed to the cluster class (e.g. ``resources``, ``CUDA_VISIBLE_DEVICES``),
         except these RMM options of ``"cuda"``:
@@ -470,6 +480,13 @@ def connect(
             yield remote
         finally:
             remote.close()
+        return
+    from hcs_dask import hpc  # batch systems through dask-jobqueue
+
+    if cluster in hpc.HPC_KINDS:
+        hpc.check_hpc_options(cluster, memory_limit=memory_limit, **cluster_options)
+        with hpc.hpc_client(cluster, **cluster_options) as batch_client:
+            yield batch_client
         return
     if cluster == "cuda":
         with _cuda_client(n_workers, memory_limit, cluster_options) as cuda_client:

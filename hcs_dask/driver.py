@@ -228,8 +228,15 @@ def submit_plate(
             client=spec.client, scheduler=spec.scheduler, n_workers=spec.n_workers,
             threads_per_worker=spec.threads_per_worker, memory_limit=spec.memory_limit,
             cluster=spec.cluster, **spec.cluster_options))
-        if pipeline.uses_gpu():
-            _require_gpu_workers(active, pipeline)
+        if spec.embedded and spec.cluster in ("local", "cuda"):
+            # Started here, from this environment, on this machine: only the GPU can be missing.
+            if pipeline.uses_gpu():
+                _require_gpu_workers(active, pipeline)
+        else:  # a cluster started elsewhere, or batch jobs: check it before the first well
+            from hcs_dask.preflight import check_cluster_ready
+
+            facts = check_cluster_ready(active, pipeline=pipeline, output=graph.output)
+            logger.info("plate %s: %s", plate.name, facts.assumes())
         if not policy.resume:
             write_output(graph, overwrite=policy.overwrite)
         driver = _Driver(graph, active, policy, blob, owned)

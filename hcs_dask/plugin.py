@@ -13,6 +13,10 @@ It works registered alone on any cluster::
     client.register_plugin(CleanupPlugin())
     ...
     cleanup_stats(client)   # {worker address: {...statistics...}}
+
+or preloaded into workers started by hand, before any client connects::
+
+    dask worker tcp://scheduler:8786 --preload hcs_dask.plugin
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from hcs_dask.memory import backend, gpu
 if TYPE_CHECKING:
     from distributed import Client, Worker
 
-__all__ = ["CleanupPlugin", "cleanup_stats"]
+__all__ = ["CleanupPlugin", "cleanup_stats", "dask_setup"]
 
 # Worker transitions (distributed 2025-2026, worker_state_machine.py) that mean
 # "the task's thread has returned". The execute events recommend exactly these
@@ -427,3 +431,24 @@ def cleanup_stats(client: Client, *, wait: float = 5.0) -> dict[str, dict[str, A
     # `wait` goes positionally: as a keyword, client.run would take it as its own.
     result: dict[str, dict[str, Any]] = client.run(_worker_cleanup_stats, float(wait))
     return result
+
+
+async def dask_setup(worker: Worker) -> None:
+    """Add a :class:`CleanupPlugin` to ``worker``: what ``dask worker --preload hcs_dask.plugin`` calls.
+
+    Dask calls it once, before the worker registers with its scheduler. The plugin has
+    the name a run registers it under (``CleanupPlugin.name``), so a later
+    ``client.register_plugin(CleanupPlugin())`` replaces it with a fresh instance of the
+    same configuration instead of adding a second one.
+
+    Raises
+    ------
+    TypeError
+        ``worker`` is not a ``distributed.Worker`` (a scheduler or nanny preload).
+    """
+    from distributed import Worker
+
+    if not isinstance(worker, Worker):
+        raise TypeError(f"hcs_dask.plugin is a worker preload (dask worker --preload hcs_dask.plugin); "
+                        f"it was given a {type(worker).__name__}")
+    await worker.plugin_add(CleanupPlugin(), name=CleanupPlugin.name, catch_errors=False)

@@ -278,8 +278,8 @@ def test_rmm_options_belong_to_the_cuda_cluster_only(client):
     with pytest.raises(ClusterOptionError, match="rmm_pool_size='1GB': RMM options apply to cluster='cuda'"):
         check_cluster("local", rmm_pool_size="1GB", rmm_async=False)
     check_cluster("local", rmm_pool_size=None, rmm_async=False)  # defaults, as the command line passes them
-    with pytest.raises(ClusterOptionError, match="unknown cluster kind 'slurm'"):
-        check_cluster("slurm")
+    with pytest.raises(ClusterOptionError, match="unknown cluster kind 'torque'"):
+        check_cluster("torque")
     with pytest.raises(ClusterOptionError, match="cluster='cuda' configure.* cannot be combined with an existing client"):
         with connect(client=client, cluster="cuda"):
             pass
