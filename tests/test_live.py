@@ -4,7 +4,6 @@ exercised in a real kernel by the quickstart notebook)."""
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 
@@ -24,13 +23,11 @@ def test_a_running_plate_shows_counts_progress_failures_and_its_map(tmp_path, mo
     monkeypatch.setenv("HCS_DASK_TEST_FAULTS", str(faults))  # read by the workers the run starts
     run = submit_plate(root, GRAPH, tmp_path / "o.ome.zarr", n_workers=1)
     draws: list[bool] = []
-    redrawn = threading.Event()
 
     def draw() -> None:
         draws.append(run.done)
-        redrawn.set()
 
-    live._Redrawer(run._driver, draw)
+    view = live._Redrawer(run._driver, draw)
     deadline = time.monotonic() + 60
     while run.status().get("failed", 0) == 0 and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -45,9 +42,8 @@ def test_a_running_plate_shows_counts_progress_failures_and_its_map(tmp_path, mo
     assert "failed (1)" in labels and any(label.startswith(("running", "queued")) for label in labels)
     result = run.result()
     assert result.counts() == {"ok": 5, "failed": 1}
-    deadline = time.monotonic() + 10
-    while not (draws and draws[-1]) and time.monotonic() < deadline:  # the last redraw follows the end
-        redrawn.wait(0.2)
+    view.thread.join(10)  # the view's thread ends after one redraw that follows the end
+    assert not view.thread.is_alive()
     assert len(draws) >= 2 and draws[-1] is True
     assert run._driver.listeners == []  # the view let go of the run
     done = run._repr_html_()
