@@ -12,9 +12,7 @@ import time
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
-
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import click
 
@@ -64,19 +62,26 @@ def _fail_input(error: Exception) -> None:
 def _report(result: PlateResult, summary: str | None) -> None:
     counts = ", ".join(f"{n} {status}" for status, n in result.counts().items())
     click.echo(f"plate {result.plate}: {len(result.wells)} wells: {counts} ({result.seconds:.1f} s)")
+    if result.mixed:
+        click.echo(f"  {result.mixed_text()}")
+    if result.stopped:
+        click.echo(f"  stopped early: {result.stopped}", err=True)
     for failure in result.failures():
         where = f" in step {failure.step!r}" if failure.step else ""
-        click.echo(f"  {failure.well}: {failure.status}{where}: {failure.error_type}: {failure.error}", err=True)
+        what = f"{failure.error_type}: {failure.error}" if failure.error_type else (failure.error or failure.cause)
+        click.echo(f"  {failure.well}: {failure.status}{where}: {what}", err=True)
     click.echo(f"output: {result.output}")
     if result.measurements_path:
         click.echo(f"measurements: {result.measurements_path}")
+    if result.tables:
+        click.echo(f"tables in the store: {', '.join(result.tables)}")
     if summary:
         result.write_summary(summary)
         click.echo(f"summary: {summary}")
 
 
 def _run(graph: str, plate_path: str, output: str, *, device: str, summary: str | None,
-         **options: object) -> PlateResult:
+         wells: str | None = None, **options: object) -> PlateResult:
     from hcs_dask.cluster import ClusterError
     from hcs_dask.driver import run_plate
     from hcs_dask.options import split_options
@@ -86,8 +91,18 @@ def _run(graph: str, plate_path: str, output: str, *, device: str, summary: str 
         split_options(options)  # every option checked before the plate is even opened
         graph_options = {"device": device} if device != "cpu" else {}
         pipeline = load_pipeline(graph, **graph_options)
-        # The plate is opened by run_plate, while the cluster starts.
-        result = run_plate(plate_path, pipeline, output, **options)
+        if wells:
+            from hcs_dask.formats import open_plate
+            from hcs_dask.options import OptionError
+
+            plate = open_plate(plate_path)
+            try:
+                plate = plate.select([w.strip() for w in wells.split(",") if w.strip()])
+            except (KeyError, ValueError) as error:
+                raise OptionError(f"--wells {wells}: {error.args[0]}") from None
+            result = run_plate(plate, pipeline, output, **options)
+        else:  # the plate is opened by run_plate, while the cluster starts
+            result = run_plate(plate_path, pipeline, output, **options)
     except _input_errors() as error:
         _fail_input(error)
     except ClusterError as error:
@@ -210,20 +225,34 @@ def main() -> None:
 @click.option("--rmm-reinitialize-pool", is_flag=True,
               help="--cluster cuda --rmm-pool-size: re-create the pool after every well, giving back what "
                    "it grew by.")
+@click.option("--wells", default=None, help="Run only these wells, e.g. A01,B03.")
+@click.option("--skip-incomplete", is_flag=True,
+              help="Run the wells that have every image; record the others 'skipped' (else a plate with gaps "
+                   "is refused).")
+@click.option("--accept-changed-pipeline", is_flag=True,
+              help="With --resume: accept a pipeline that differs from the earlier run's; the plate then holds "
+                   "wells of both, and each well's record names its pipeline.")
+@click.option("--max-failures", type=int, default=5, show_default=True,
+              help="Stop starting wells when the first N to end all failed in the same step (0: never stop).")
+@click.option("--table-format", type=click.Choice(["csv", "parquet"]), default="csv", show_default=True,
+              help="The format of the measurement table beside the store.")
 @_scale_out_options
 def run(graph: str, plate: str, output: str, workers: int | None, threads_per_worker: int,
         scheduler: str | None, device: str, summary: str | None, overwrite: bool, resume: bool,
         well_timeout: float | None, memory_limit: str, worker_death_retries: int, stall_timeout: float,
-        no_fsync: bool, cluster: str, **rmm_options: object) -> None:
+        no_fsync: bool, cluster: str, wells: str | None, skip_incomplete: bool, accept_changed_pipeline: bool,
+        max_failures: int, table_format: str, **rmm_options: object) -> None:
     """Run GRAPH (a pipeline file, or a bundled graph's name) on the PLATE folder."""
     with _scaled_out(cluster, rmm_options) as scale_out:
         # Only the RMM options given: flags left off are no options at all.
         given = {name: value for name, value in rmm_options.items() if value not in (None, False)}
-        result = _run(graph, plate, output, device=device, summary=summary, n_workers=workers,
+        result = _run(graph, plate, output, device=device, summary=summary, wells=wells, n_workers=workers,
                       threads_per_worker=threads_per_worker, scheduler=scheduler, overwrite=overwrite,
                       resume=resume, well_timeout=well_timeout, memory_limit=memory_limit,
                       worker_death_retries=worker_death_retries, stall_timeout=stall_timeout,
-                      fsync=not no_fsync, cluster=cluster, cluster_options={**given, **scale_out})
+                      fsync=not no_fsync, cluster=cluster, cluster_options={**given, **scale_out},
+                      skip_incomplete=skip_incomplete, accept_changed_pipeline=accept_changed_pipeline,
+                      max_failures=max_failures or None, table_format=table_format)
     sys.exit(0 if result.ok else 1)
 
 
@@ -264,7 +293,7 @@ def synth(directory: str, plate_format: str, wells: int, sites: int, channels: i
 @click.option("--wells", type=int, default=8, show_default=True)
 @click.option("--workers", type=int, default=None, help="Workers of the embedded cluster [one per core].")
 def demo(directory: str, wells: int, workers: int | None) -> None:
-    """Synthesise a small plate and run the nuclei-count graph on an embedded LocalCluster."""
+    """Synthesise a small plate, run the nuclei-count graph on an embedded LocalCluster, and save its plate map."""
     root = Path(directory)
     plate_dir = root / "plate"
     if not plate_dir.exists():
@@ -274,6 +303,12 @@ def demo(directory: str, wells: int, workers: int | None) -> None:
         write_synthetic_plate(plate_dir, wells=wells, sites=2, channels=2, z=3, size=256, seed=0)
     result = _run("nuclei_count", str(plate_dir), str(root / "nuclei_count.ome.zarr"), device="cpu",
                   summary=str(root / "summary.json"), n_workers=workers, overwrite=True)
+    try:
+        figure = result.plot_plate("nuclei_count")
+    except KeyError:  # no well measured anything: the map of their statuses says why
+        figure = result.plot_plate("status")
+    figure.savefig(root / "plate_map.png", dpi=100)
+    click.echo(f"plate map: {root / 'plate_map.png'}")
     sys.exit(0 if result.ok else 1)
 
 
@@ -284,10 +319,15 @@ def inspect(plate: str, as_json: bool) -> None:
     """Print PLATE's format, dimensions, channels, pixel size, and missing wells, sites or images.
 
     Exit 0 for a plate that can run, 1 when wells lack images their siblings have,
-    2 when it cannot be opened (the message names the file and the problem).
+    2 when it cannot be opened (the message names the file and the problem). For an output
+    store written by hcs_dask: its wells' status (exit 1 when a well is not ok).
     """
     from hcs_dask.formats import PlateError, PlateWarning, open_plate
+    from hcs_dask.store import Manifest
 
+    if (Path(plate) / Manifest.FOLDER / "zarr.json").is_file():
+        _inspect_store(plate, as_json)
+        return
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", PlateWarning)
         try:
@@ -305,6 +345,24 @@ def inspect(plate: str, as_json: bool) -> None:
     else:
         _print_description(info)
     if info["gaps"]:
+        sys.exit(1)
+
+
+def _inspect_store(output: str, as_json: bool) -> None:
+    """The status of the runs recorded in an output store (exit 1 if a well is not ok)."""
+    from hcs_dask.results import PlateResult
+    from hcs_dask.store import OutputError
+
+    try:
+        result = PlateResult.load(output)
+    except OutputError as error:
+        _fail_input(error)
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in result.summary().items() if k != "wells"}
+                              | {"failures": [r.summary() for r in result.failures()]}, indent=2, default=str))
+    else:
+        _report(result, None)
+    if not result.ok:
         sys.exit(1)
 
 

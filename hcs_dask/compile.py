@@ -8,6 +8,7 @@ OME-Zarr metadata, once, here on the client. A bad input therefore writes nothin
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,8 @@ class ResumeError(CompileError):
 
 
 WELL_TASK_PREFIX = "hcs-well"
+
+logger = logging.getLogger("hcs_dask")
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,8 @@ class WellPlan:
     fsync: bool = True
     #: The plate's format, which says how the well's sources are read (:func:`hcs_dask.formats.read_sources`).
     source_format: str = "imagexpress"
+    #: The fingerprint of the pipeline the well runs, written into its manifest records.
+    pipeline_fingerprint: str | None = None
 
     @property
     def key(self) -> tuple[str, str, str]:
@@ -84,6 +89,8 @@ class PlateGraph:
     done: tuple[dict, ...] = ()
     #: What the manifest records of this run (``hcs_dask/zarr.json``) (the plate's and pipeline's fingerprints).
     run_info: dict = field(default_factory=dict, compare=False)
+    #: With ``skip_incomplete``: the records of the wells not run because they lack images.
+    skipped: tuple[dict, ...] = ()
 
     def __len__(self) -> int:
         return len(self.plans)
@@ -105,19 +112,28 @@ def check_sequential(pipeline: Pipeline) -> None:
             )
 
 
-def check_plate(plate: Plate) -> None:
-    """Every well has the same images; the image shape is known."""
+def check_plate(plate: Plate, *, skip_incomplete: bool = False) -> dict[str, str]:
+    """Every well has the same images; the image shape is known.
+
+    With ``skip_incomplete``, wells that lack images are allowed: returns them, each with
+    the sentence saying what it lacks (an empty dict for a complete plate).
+    """
     if not plate.wells:
         raise CompileError(f"plate {plate.name!r} ({plate.root}) has no wells with images")
     gaps = plate.gaps()
-    if gaps:
+    if gaps and not skip_incomplete:
         raise CompileError(
-            f"plate {plate.name!r} is incomplete ({len(gaps)} well(s) with gaps):\n  " + "\n  ".join(gaps)
+            f"plate {plate.name!r} is incomplete ({len(gaps)} well(s) with gaps; --skip-incomplete "
+            "(skip_incomplete=True) runs the complete ones):\n  " + "\n  ".join(gaps)
         )
+    incomplete = {line.split(" ", 2)[1]: line for line in gaps}  # "well B03 lacks ..."
+    if len(incomplete) == len(plate.wells):
+        raise CompileError(f"plate {plate.name!r}: every well lacks images, none can run:\n  " + "\n  ".join(gaps))
     if not plate.dtype or 0 in plate.shape:
         raise CompileError(
             f"plate {plate.name!r}: image shape unknown (opened with read_headers=False?)"
         )
+    return incomplete
 
 
 def compile_plate(
@@ -130,6 +146,8 @@ def compile_plate(
     write_layout: bool = True,
     manifest: bool = True,
     fsync: bool = True,
+    skip_incomplete: bool = False,
+    accept_changed_pipeline: bool = False,
 ) -> PlateGraph:
     """Validate ``plate`` × ``pipeline`` × ``output`` and plan every well; reads no pixels.
 
@@ -153,6 +171,11 @@ def compile_plate(
         off exists to measure its cost.
     fsync
         Each well flushes its files to disk before its commit (``RunPolicy.fsync``).
+    skip_incomplete
+        Plan only the wells that have every image; the others get ``skipped`` records
+        (:attr:`PlateGraph.skipped`) instead of the plate being refused.
+    accept_changed_pipeline
+        With ``resume``: accept a pipeline that differs from the earlier run's.
 
     Raises
     ------
@@ -161,17 +184,20 @@ def compile_plate(
     """
     pipeline.validate()
     check_sequential(pipeline)
-    check_plate(plate)
-    fingerprints = {"plate": plate.name, "plate_fingerprint": plate.fingerprint(), **pipeline_record(pipeline)}
+    incomplete = check_plate(plate, skip_incomplete=skip_incomplete)
+    fingerprints = {"plate": plate.name, "plate_fingerprint": plate.fingerprint(), **pipeline_record(pipeline),
+                    **_plate_record(plate)}
     done: tuple[dict, ...] = ()
     if resume:
         output_path = Path(output).absolute()
-        done = _check_resume(output_path, fingerprints)
+        done = _check_resume(output_path, fingerprints, accept_changed=accept_changed_pipeline)
         write_layout = False
     else:
         output_path = check_output(output, overwrite=overwrite)
     _check_apart(plate, output_path)
     finished = {record["well"] for record in done}
+    skipped = tuple({"well": name, "status": "skipped", "error": gap, "cause": "incomplete (skip_incomplete)"}
+                    for name, gap in incomplete.items() if name not in finished)
 
     axis_values = tuple((axis, plate.values(axis)) for axis in AXES)
     sequential = tuple(axis for axis in pipeline.sequential if len(plate.values(axis)) > 1)
@@ -189,12 +215,13 @@ def compile_plate(
             manifest=manifest,
             fsync=fsync,
             source_format=plate.format,
+            pipeline_fingerprint=fingerprints.get("pipeline_fingerprint"),
         )
         for well in plate.wells
-        if well.name not in finished
+        if well.name not in finished and well.name not in incomplete
     )
     graph = PlateGraph(plate=plate, pipeline=pipeline, output=str(output_path), plans=plans, done=done,
-                       run_info=fingerprints if manifest else {})
+                       run_info=fingerprints if manifest else {}, skipped=skipped)
     if write_layout:
         write_output(graph, overwrite=overwrite)
     return graph
@@ -217,8 +244,18 @@ def _check_apart(plate: Plate, output: Path) -> None:
         raise CompileError(f"{output}: the output would replace the input plate {root}; write it elsewhere")
 
 
-def _check_resume(output: Path, fingerprints: dict) -> tuple[dict, ...]:
-    """The ``ok`` records of the earlier run in ``output``, after checking it is the same run."""
+def _plate_record(plate: Plate) -> dict:
+    """What a result read back from the store needs of the plate (``PlateResult.load``)."""
+    return {"plate_root": plate.root, "plate_geometry": [plate.plate_rows, plate.plate_columns],
+            "sites": list(plate.sites), "channels": list(plate.channels),
+            "channel_names": {str(c): plate.channel_name(c) for c in plate.channels}}
+
+
+def _check_resume(output: Path, fingerprints: dict, *, accept_changed: bool = False) -> tuple[dict, ...]:
+    """The ``ok`` records of the earlier run in ``output``, after checking it is the same run.
+
+    With ``accept_changed``, a pipeline that differs is accepted (and logged).
+    """
     manifest = Manifest(output)
     earlier = manifest.read_run() if output.is_dir() else None
     if earlier is None:
@@ -231,6 +268,12 @@ def _check_resume(output: Path, fingerprints: dict) -> tuple[dict, ...]:
             "run into a new output, or use --overwrite"
         )
     difference = pipeline_difference(earlier, fingerprints)
-    if difference is not None:
-        raise ResumeError(f"{output}: cannot resume: {difference}; run into a new output, or use --overwrite")
+    if difference is not None and accept_changed:
+        logger.warning("%s: resuming with a changed pipeline (%s); the plate will hold wells of both", output,
+                       difference)
+    elif difference is not None:
+        raise ResumeError(
+            f"{output}: cannot resume: {difference}; to keep the ok wells and run the others with this "
+            "pipeline, add --accept-changed-pipeline (accept_changed_pipeline=True, or "
+            "rerun_failed(allow_changed=True)); or run into a new output, or use --overwrite")
     return tuple(record for record in manifest.read_wells().values() if record.get("status") == "ok")

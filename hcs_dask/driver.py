@@ -26,7 +26,6 @@ submission's, never an earlier run's record.
 
 from __future__ import annotations
 
-import html
 import logging
 import os
 import queue
@@ -38,10 +37,11 @@ import uuid
 from collections import deque
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import cloudpickle
 
+from hcs_dask import live
 from hcs_dask.cluster import ClusterError, check_cluster, connect
 from hcs_dask.compile import PlateGraph, WellPlan, compile_plate, prepare_output
 from hcs_dask.guard import cancel_run, run_well
@@ -50,6 +50,7 @@ from hcs_dask.pipeline import Pipeline, load_pipeline
 from hcs_dask.plate import Plate, row_index, split_well_name
 from hcs_dask.results import ExecutionResult, PlateResult
 from hcs_dask.store import Manifest
+from hcs_dask.tables import write_result_tables
 
 __all__ = ["PlateRun", "run_plate", "submit_graph", "submit_plate"]
 
@@ -105,6 +106,11 @@ class PlateRun:
         """A progress bar of finished wells: a widget in Jupyter, a text bar elsewhere."""
         return self._driver.add_bar()
 
+    def plate_map(self) -> Any:
+        """A plate map of well status: in Jupyter a widget redrawn as wells end (the kernel
+        stays free); elsewhere the map now, as a matplotlib Figure."""
+        return live.plate_map(self._driver)
+
     def wait(self, timeout: float | None = None) -> PlateResult:
         """Wait until every well has ended and return the :class:`PlateResult`.
 
@@ -145,11 +151,15 @@ class PlateRun:
         return f"PlateRun({self.plate!r}, {state}: {counts}, output={self.output!r})"
 
     def _repr_html_(self) -> str:
-        counts = ", ".join(f"{n} {html.escape(s)}" for s, n in self.status().items())
-        link = self.dashboard_link
-        dashboard = f' · <a href="{html.escape(link)}" target="_blank">dashboard</a>' if link else ""
-        return (f"<b>{html.escape(self.plate)}</b> ({'done' if self.done else 'running'}): {counts}"
-                f"{dashboard} → <code>{html.escape(self.output)}</code>")
+        """Counts, a progress bar, the dashboard link, failures so far and a plate grid, as of now."""
+        return live.run_html(self._driver)
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> dict[str, Any]:
+        # In Jupyter the same summary as a widget that follows the run; the HTML stays for
+        # front ends without widgets.
+        view = None if self.done else live.live_summary(self._driver)
+        bundle = dict(view._repr_mimebundle_()) if view is not None else {}
+        return bundle | {"text/plain": repr(self), "text/html": self._repr_html_()}
 
 
 # ------------------------------------------------------------------ entry points
@@ -189,7 +199,8 @@ def submit_plate(
         ``n_workers``, ``threads_per_worker``, ``memory_limit``, ``cluster``,
         ``cluster_options``) and of :class:`hcs_dask.options.RunPolicy`
         (``well_timeout``, ``worker_death_retries``, ``failure_retries``,
-        ``stall_timeout``, ``manifest``, ``fsync``, ``overwrite``, ``resume``).
+        ``stall_timeout``, ``manifest``, ``fsync``, ``overwrite``, ``resume``, ``resources``,
+        ``max_failures``, ``skip_incomplete``, ``accept_changed_pipeline``, ``table_format``).
 
     Returns
     -------
@@ -226,7 +237,9 @@ def submit_plate(
 
             plate = open_plate(plate)
         graph = compile_plate(plate, pipeline, output, overwrite=policy.overwrite, resume=policy.resume,
-                              write_layout=False, manifest=policy.manifest, fsync=policy.fsync)
+                              write_layout=False, manifest=policy.manifest, fsync=policy.fsync,
+                              skip_incomplete=policy.skip_incomplete,
+                              accept_changed_pipeline=policy.accept_changed_pipeline)
         # Pickled afresh for every submission: the workers run the code as it is now.
         blob = cloudpickle.dumps(pipeline)
         # Flushed in a hidden sibling folder: a cluster that cannot be reached leaves nothing behind.
@@ -297,7 +310,7 @@ def run_plate(
     {'ok': 96}
     """
     if progress is None:
-        progress = _in_jupyter() or sys.stderr.isatty()
+        progress = live.in_jupyter() or sys.stderr.isatty()
     run = submit_plate(plate, pipeline, output, client, progress=progress, **options)
     try:
         return run.result()
@@ -354,7 +367,7 @@ class _Driver:
         self.manifest = Manifest(graph.output) if policy.manifest else None
         self.run_id = uuid.uuid4().hex[:8]
         self.results: dict[str, ExecutionResult] = {
-            record["well"]: ExecutionResult.from_record(record) for record in graph.done
+            record["well"]: ExecutionResult.from_record(record) for record in graph.done + graph.skipped
         }
         self.pending: deque[tuple[WellPlan, int]] = deque((plan, 1) for plan in graph.plans)
         self.suspects: deque[tuple[WellPlan, int]] = deque()
@@ -368,6 +381,11 @@ class _Driver:
         self.events: queue.SimpleQueue = queue.SimpleQueue()
         self.lock = threading.Lock()
         self.bars: list[Any] = []
+        #: Called with each well's final result, on this thread, after it is recorded (live views).
+        self.listeners: list[Callable[[ExecutionResult], None]] = []
+        #: Why no more wells were started before the end (``max_failures``), if so.
+        self.stopped: str | None = None
+        self._first_failures: list[ExecutionResult] | None = []  # None once a first outcome was no such failure
         self.cancel_deadline: float | None = None
         self.finished = threading.Event()
         self.result: PlateResult | None = None
@@ -385,10 +403,30 @@ class _Driver:
         from hcs_dask.plugin import CleanupPlugin
 
         self.client.register_plugin(CleanupPlugin())
+        if self.manifest is not None:
+            for record in self.graph.skipped:
+                self.manifest.write_well(record)
         self._refresh_workers()
         self.thread.start()
 
     # ---------------------------------------------------------- reading state
+    def statuses(self) -> dict[str, str]:
+        """Every well's status now: ``queued``, ``running``, or its final status."""
+        with self.lock:
+            waiting = list(self.pending) + list(self.suspects)
+            running = list(self.inflight.values())
+            ended = list(self.results.values())
+        statuses = {plan.well.name: "queued" for plan, _ in waiting}
+        statuses.update((entry.plan.well.name, "queued" if entry.started is None else "running") for entry in running)
+        statuses.update((result.well, result.status) for result in ended)
+        return statuses
+
+    def final_results(self) -> list[ExecutionResult]:
+        """The final results so far, in plate order."""
+        with self.lock:
+            ended = list(self.results.values())
+        return sorted(ended, key=lambda r: _well_order(r.well))
+
     def counts(self) -> dict[str, int]:
         with self.lock:
             running = sum(1 for entry in self.inflight.values() if entry.started is not None)
@@ -399,8 +437,9 @@ class _Driver:
         return {status: n for status, n in counts.items() if n or status in ("queued", "running")}
 
     def add_bar(self) -> Any:
-        bar = _progress_bar(total=len(self.graph.plans) + len(self.graph.done), unit="well",
-                            desc=self.graph.plate.name)
+        graph = self.graph
+        bar = _progress_bar(total=len(graph.plans) + len(graph.done) + len(graph.skipped), unit="well",
+                            desc=graph.plate.name)
         with self.lock:
             bar.update(len(self.results))
             if self.finished.is_set():
@@ -621,6 +660,38 @@ class _Driver:
                               f"{result.error_type or result.cause or ''}: {result.error}")
         if not result.ok and not self.bars:
             logger.warning("well %s: %s: %s", result.well, result.status, result.error or result.cause)
+        self._check_early_stop(result)
+        for listener in list(self.listeners):
+            try:
+                listener(result)
+            except Exception as error:  # a display must never break the run
+                logger.warning("a listener of plate %s failed: %s", self.graph.plate.name, error)
+
+    def _check_early_stop(self, result: ExecutionResult) -> None:
+        """Stop starting wells once the first ``max_failures`` outcomes all failed in one step."""
+        first, limit = self._first_failures, self.policy.max_failures
+        if first is None or limit is None or self.cancel_deadline is not None:
+            return
+        if result.status != "failed" or (first and result.step != first[0].step):
+            self._first_failures = None
+            return
+        first.append(result)
+        if len(first) < limit or not (self.pending or self.suspects):
+            return
+        self._first_failures = None
+        waiting = list(self.pending) + list(self.suspects)
+        self.stopped = (f"the first {len(first)} wells all failed in step {result.step!r} ({result.error_type}: "
+                        f"{result.error}); {len(waiting)} wells were not started (recorded 'cancelled'): fix the "
+                        "step, then rerun_failed() or --resume")
+        logger.warning("plate %s: stopping early: %s", self.graph.plate.name, self.stopped)
+        with self.lock:
+            self.pending.clear()
+            self.suspects.clear()
+        for plan, attempt in waiting:
+            cancelled = self._cancelled(plan, f"not started: the first {len(first)} wells all failed in step "
+                                              f"{result.step!r} (max_failures)")
+            cancelled.attempts = attempt
+            self._finish(cancelled, None)
 
     def _worker_lost(self, address: str, pid: int | None = None) -> bool:
         """A worker is gone: sort the wells it was running into culprit, suspects and innocents."""
@@ -847,14 +918,18 @@ class _Driver:
     # -------------------------------------------------------------- result
     def _plate_result(self) -> PlateResult:
         graph = self.graph
-        names = [plan.well.name for plan in graph.plans] + [record["well"] for record in graph.done]
+        names = [plan.well.name for plan in graph.plans] + [r["well"] for r in graph.done + graph.skipped]
         ordered = [self.results[name] for name in sorted(names, key=_well_order)]
-        result = PlateResult(plate=graph.plate.name, output=graph.output, wells=ordered,
-                             seconds=time.perf_counter() - self.started)
-        table = result.measurements
-        if len(table.columns) > 1:
-            table.to_csv(graph.measurements_path, index=False)
-            result.measurements_path = str(graph.measurements_path)
+        plate = graph.plate
+        result = PlateResult(plate=plate.name, output=graph.output, wells=ordered,
+                             seconds=time.perf_counter() - self.started,
+                             geometry=(plate.plate_rows, plate.plate_columns), sites=plate.sites,
+                             channels=plate.channels, channel_names={c: plate.channel_name(c) for c in plate.channels},
+                             plate_root=plate.root, stopped=self.stopped, source_plate=plate, pipeline=graph.pipeline)
+        try:
+            write_result_tables(result, graph.measurements_path, table_format=self.policy.table_format)
+        except Exception as error:  # the wells are recorded in the store's manifest; the result stands
+            logger.warning("plate %s: writing its tables failed: %s: %s", plate.name, type(error).__name__, error)
         return result
 
 
@@ -961,19 +1036,8 @@ def _well_order(name: str) -> tuple[int, int]:
     return row_index(row), column
 
 
-def _in_jupyter() -> bool:
-    shell = sys.modules.get("IPython")
-    if shell is None:
-        return False
-    try:
-        ipython = shell.get_ipython()
-    except AttributeError:
-        return False
-    return ipython is not None and "IPKernelApp" in getattr(ipython, "config", {})
-
-
 def _progress_bar(**options: Any) -> Any:
-    if _in_jupyter():
+    if live.in_jupyter():
         try:
             import ipywidgets  # noqa: F401  (tqdm's widget needs it; without it, a text bar)
             from tqdm.notebook import tqdm as notebook_tqdm

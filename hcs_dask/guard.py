@@ -254,7 +254,8 @@ def run_well(plan: WellPlan, pipeline: Pipeline | bytes, attempt: int = 1, run: 
     cleanup = _Cleanup(exclusive=threads == 1 and worker is not None)
     manifest = Manifest(plan.output, durable=plan.fsync) if plan.manifest else None
     identity = {"well": plan.well.name, "attempts": attempt, "started": started, "run": run,
-                "worker": getattr(worker, "address", None), "pid": os.getpid()}
+                "worker": getattr(worker, "address", None), "pid": os.getpid(),
+                "pipeline": plan.pipeline_fingerprint}
     failure: dict[str, Any] = {}
     try:
         try:

@@ -59,7 +59,7 @@ _OWN_OPTIONS = ("jobs", "start_timeout")
 _REFUSED = {
     "n_workers": "the number of jobs is --jobs (jobs=N); workers per job are the `processes` option",
     "dashboard_address": "pass it in scheduler_options, e.g. scheduler_options={'dashboard_address': ':8787'}",
-    "host": "pass it in scheduler_options, e.g. scheduler_options={'host': '10.0.0.1'}",
+    "host": "pass it in scheduler_options, e.g. scheduler_options={'host': 'login-node'}",
     "asynchronous": "hcs_dask drives the cluster synchronously",
     "loop": "hcs_dask drives the cluster from its own event loop",
     "job_cls": "the job class follows from --cluster",

@@ -184,6 +184,19 @@ class RunPolicy:
         Abstract resources each well task asks for (``{"GPU": 1}``, ``{"LICENCE": 1}``):
         a well then runs only on workers offering them, as many at once as they offer.
         Default: ``{"GPU": 1}`` for pipelines with GPU steps, none otherwise.
+    max_failures : int, optional
+        When the first this many wells to end all failed in the same step, no further
+        wells start (they are recorded ``cancelled``; a resume runs them). Default 5;
+        ``None`` never stops early.
+    skip_incomplete : bool
+        Run the wells that have every image and record the others ``skipped``, instead
+        of refusing a plate with gaps.
+    accept_changed_pipeline : bool
+        With ``resume``: accept a pipeline that differs from the earlier run's. The ``ok``
+        wells stay; each well's record names the pipeline fingerprint that produced it.
+    table_format : {"csv", "parquet"}
+        The format of the measurement table beside the store (Parquet needs pyarrow).
+        The tables inside the store are ngio tables of its ``json`` backend either way.
 
     Raises
     ------
@@ -200,6 +213,10 @@ class RunPolicy:
     overwrite: bool = False
     resume: bool = False
     resources: Mapping[str, float] | None = None
+    max_failures: int | None = 5
+    skip_incomplete: bool = False
+    accept_changed_pipeline: bool = False
+    table_format: str = "csv"
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "well_timeout",
@@ -208,7 +225,8 @@ class RunPolicy:
                            _seconds("stall_timeout", "--stall-timeout", self.stall_timeout, optional=False))
         _whole("worker_death_retries", "--worker-death-retries", self.worker_death_retries, minimum=0)
         _whole("failure_retries", "failure_retries", self.failure_retries, minimum=0)
-        for name in ("manifest", "fsync", "overwrite", "resume"):
+        _whole("max_failures", "--max-failures", self.max_failures, minimum=1, optional=True)
+        for name in ("manifest", "fsync", "overwrite", "resume", "skip_incomplete", "accept_changed_pipeline"):
             if not isinstance(getattr(self, name), bool):
                 raise OptionError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if self.overwrite and self.resume:
@@ -223,6 +241,17 @@ class RunPolicy:
             object.__setattr__(self, "resources", MappingProxyType(dict(self.resources)))
         if self.resume and not self.manifest:
             raise OptionError("resume (--resume) needs the manifest of the earlier run; manifest=False has none")
+        if self.accept_changed_pipeline and not self.resume:
+            raise OptionError("accept_changed_pipeline (--accept-changed-pipeline) applies to a resume; "
+                              "add resume=True (--resume)")
+        if self.table_format not in ("csv", "parquet"):
+            raise OptionError(f"table_format (--table-format) must be 'csv' or 'parquet', got {self.table_format!r}")
+        if self.table_format == "parquet":
+            import importlib.util
+
+            if importlib.util.find_spec("pyarrow") is None:
+                raise OptionError("table_format='parquet' (--table-format parquet) needs pyarrow: "
+                                  "pip install 'hcs-dask[parquet]'")
 
 
 def split_options(options: Mapping[str, Any]) -> tuple[ClusterSpec, RunPolicy]:

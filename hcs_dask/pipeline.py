@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping
 import cloudpickle
 
 from hcs_dask.plate import AXES
+from hcs_dask.sources import function_sources, register_sources
 
 __all__ = ["ARRAY_TYPES", "DEVICE_ARRAY_TYPES", "REDUCED", "Pipeline", "PipelineError", "Step", "StepContext",
            "array_type_for", "bundled_graphs", "load_pipeline"]
@@ -288,7 +289,10 @@ class Pipeline:
         # to pickle by value, and plain pickle (which distributed tries first) would pickle
         # them by a module name that workers cannot import. Never cached: a pickle taken
         # now holds the code as it is now (a run pickles its pipeline once, see driver.py).
-        return (_pipeline_from_bytes, (cloudpickle.dumps((list(self.steps), self.name, self.sequential)),))
+        # The steps' source lines ride along, so that a worker's traceback through a
+        # notebook cell or a pipeline file shows them (hcs_dask.sources).
+        sources = function_sources(step.func for step in self.steps)
+        return (_pipeline_from_bytes, (cloudpickle.dumps((list(self.steps), self.name, self.sequential)), sources))
 
     def uses_gpu(self) -> bool:
         return any(step.array_type != "numpy" for step in self.steps)
@@ -324,8 +328,9 @@ class Pipeline:
         return step_fingerprints(self)
 
 
-def _pipeline_from_bytes(blob: bytes) -> Pipeline:
+def _pipeline_from_bytes(blob: bytes, sources: dict[str, dict] | None = None) -> Pipeline:
     steps, name, sequential = cloudpickle.loads(blob)
+    register_sources(sources, [step.func for step in steps])
     return Pipeline(steps, name=name, sequential=sequential)
 
 

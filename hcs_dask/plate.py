@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
-from typing import Iterator, NamedTuple
+from typing import Iterable, Iterator, NamedTuple
 
 __all__ = ["AXES", "ImageKey", "Plate", "Well", "plate_geometry", "row_index", "row_name", "split_well_name"]
 
@@ -91,6 +91,9 @@ class Well:
     @cached_property
     def _by_key(self) -> dict[ImageKey, str]:
         return dict(self.files)
+
+    def __repr__(self) -> str:
+        return f"Well({self.name!r}, {len(self.files)} images)"
 
     def path_of(self, key: ImageKey) -> str:
         """Relative path of the image at ``key``; ``KeyError`` if the well lacks it."""
@@ -249,7 +252,70 @@ class Plate:
     def row_names(self) -> list[str]:
         return [row_name(i) for i in range(self.plate_rows)]
 
+    def select(self, wells: Iterable[str]) -> Plate:
+        """A plate of only these wells (in the plate's order), e.g. to run a chosen subset.
+
+        Its fingerprint is that of the subset, so a ``resume`` continues a run of the
+        same selection.
+
+        Raises
+        ------
+        KeyError
+            Naming the wells this plate does not have.
+        ValueError
+            If no well is given.
+        """
+        chosen = set(wells)
+        if not chosen:
+            raise ValueError(f"plate {self.name!r}: select() needs at least one well")
+        unknown = sorted(chosen - set(self._wells_by_name))
+        if unknown:
+            raise KeyError(f"plate {self.name!r} has no well(s) {', '.join(unknown)}; it has "
+                           f"{len(self.wells)} wells ({self.wells[0].name} … {self.wells[-1].name})")
+        return replace(self, wells=tuple(w for w in self.wells if w.name in chosen))
+
+    # ----------------------------------------------------------------- display
+    def __repr__(self) -> str:
+        return (f"Plate({self.name!r}, {self.format}, {len(self.wells)} wells × {len(self.sites)} sites × "
+                f"{len(self.channels)} channels × {len(self.zs)} z × {len(self.timepoints)} timepoints, "
+                f"{self.shape[0]}×{self.shape[1]} {self.dtype or '?'}, root={self.root!r})")
+
+    def _repr_html_(self) -> str:
+        from hcs_dask._html import escape, plate_grid
+
+        classes = {w.name: "imaged" if len(w.files) == self._images_per_well else "incomplete" for w in self.wells}
+        depths = {} if self.uniform_depth else {c: f" ({len(self.channel_z(c))} z)" for c in self.channels}
+        channels = ", ".join(f"{c}: {self.channel_name(c)}{depths.get(c, '')}" for c in self.channels)
+        pixel = "unknown" if self.pixel_size_um is None else \
+            f"{self.pixel_size_um[0]:g} × {self.pixel_size_um[1]:g} µm"
+        if self.z_step_um is not None:
+            pixel += f", z step {self.z_step_um:g} µm"
+        missing = self.plate_rows * self.plate_columns - len(self.wells)
+        incomplete = sum(1 for c in classes.values() if c == "incomplete")
+        rows = [
+            ("format", self.format),
+            ("root", self.root),
+            ("wells", f"{len(self.wells)} of {self.plate_rows * self.plate_columns} "
+                      f"({self.plate_rows}×{self.plate_columns}); {missing} not imaged, {incomplete} incomplete"),
+            ("dimensions", f"{len(self.sites)} sites × {len(self.channels)} channels × {len(self.zs)} z × "
+                           f"{len(self.timepoints)} timepoints = {self.n_images} images"),
+            ("image", f"{self.shape[0]} × {self.shape[1]} px, {self.dtype or 'unknown dtype'}"),
+            ("channels", channels),
+            ("pixel size", pixel),
+        ]
+        body = "".join(f'<tr><th style="text-align:left">{escape(k)}</th><td style="text-align:left">'
+                       f"{escape(v)}</td></tr>" for k, v in rows)
+        grid = plate_grid(self.plate_rows, self.plate_columns, classes,
+                          {"imaged": "#5c6bc0", "incomplete": "#fdd835"},
+                          labels={"imaged": "imaged", "incomplete": "incomplete (hcs-dask inspect lists the gaps)"})
+        return f"<b>Plate {escape(self.name)}</b><table>{body}</table>{grid}"
+
     # ----------------------------------------------------------- consistency
+    @cached_property
+    def _images_per_well(self) -> int:
+        """How many images a complete well has."""
+        return len(self.sites) * len(self.timepoints) * sum(len(zs) for zs in self._channel_z.values())
+
     def gaps(self) -> list[str]:
         """Every image that a well lacks although its siblings have it.
 
@@ -259,7 +325,7 @@ class Plate:
         sentence per well, naming what is missing; empty when the plate is complete.
         """
         depth = self._channel_z
-        expected = len(self.sites) * len(self.timepoints) * sum(len(zs) for zs in depth.values())
+        expected = self._images_per_well
         problems = []
         for well in self.wells:
             if len(well.files) == expected:

@@ -265,7 +265,8 @@ def check_cluster_ready(
         raise GpuResourceError(
             f"pipeline {pipeline.name!r} has GPU steps ({steps}) but none of the {len(workers)} worker(s) at "
             f"{address} offers the GPU resource; start the workers with `dask cuda worker {address} "
-            "--resources GPU=1 --preload hcs_dask.plugin`"
+            "--resources GPU=1 --preload hcs_dask.plugin`, or run on an embedded GPU cluster with "
+            "--cluster cuda (run_plate(cluster='cuda'))"
         )
     hosts = probe_output(client, output, identities=identities)
     return ClusterFacts(scheduler=address, allowed_failures=allowed_failures,

@@ -150,6 +150,7 @@ def test_synth_then_demo(tmp_path):
     assert completed.returncode == 0, completed.stderr
     assert "2 ok" in completed.stdout
     assert "output:" in completed.stdout and (tmp_path / "demo" / "nuclei_count.ome.zarr").is_dir()
+    assert (tmp_path / "demo" / "plate_map.png").stat().st_size > 1000
 
 
 def test_gpu_graph_on_a_cpu_cluster_exits_2_and_writes_nothing(synthetic_plate, tmp_path):

@@ -258,7 +258,7 @@ def test_a_run_s_store_opens_in_zarr_and_ome_zarr_readers_without_a_warning(synt
     assert result.counts() == {"ok": 4}
 
     root = zarr.open_group(output, mode="r")
-    assert sorted(name for name, _ in root.members()) == sorted({w.row for w in plate.wells} | {"hcs_dask"})
+    assert sorted(name for name, _ in root.members()) == sorted({w.row for w in plate.wells} | {"hcs_dask", "tables"})
     deep = dict(root.members(max_depth=None))
     assert {name for name in deep if name.startswith("hcs_dask/wells/")} == {
         f"hcs_dask/wells/{w.name}" for w in plate.wells}

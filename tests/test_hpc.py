@@ -105,7 +105,7 @@ def test_refused_options_name_what_to_use_instead():
         ({"memory_limit": "4GB"}, ClusterOptionError, "memory_limit='4GB' configure"),
         ({"rmm_pool_size": "1GB"}, ClusterOptionError, "rmm_pool_size='1GB' configure"),
         ({"queue_name": "gpu"}, ClusterOptionError, "SLURMCluster takes no such option; it takes .*walltime"),
-        ({"host": "10.0.0.1"}, ClusterOptionError, "pass it in scheduler_options"),
+        ({"host": "login-node"}, ClusterOptionError, "pass it in scheduler_options"),
         ({"walltime": "2h"}, ClusterOptionError, "walltime '2h' is not a SLURM time"),
         ({"start_timeout": -1}, ClusterOptionError, "start_timeout must be a positive number"),
     ]

@@ -160,11 +160,11 @@ def test_plate_map_of_a_measurement(synthetic_plate, tmp_path, client):
     matplotlib.use("Agg")
     result = run_plate(open_plate(synthetic_plate), load_pipeline("nuclei_count"), tmp_path / "p.ome.zarr",
                        client=client)
-    ax = result.plot_plate("nuclei_count")
-    shown = np.ma.filled(ax.images[0].get_array(), np.nan)
+    figure = result.plot_plate("nuclei_count")
+    shown = np.ma.filled(figure.axes[0].images[0].get_array(), np.nan)
     per_well = result.measurements.groupby("well")["nuclei_count"].mean()
     assert shown[0, 0] == pytest.approx(per_well["A01"])
     assert np.isnan(shown[7, 11])  # H12 was not imaged
     with pytest.raises(KeyError, match="no measurement 'area'"):
         result.plot_plate("area")
-    ax.figure.savefig(tmp_path / "plate.png")
+    figure.savefig(tmp_path / "plate.png")

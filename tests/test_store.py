@@ -59,8 +59,12 @@ def test_a_field_means_what_zarr_and_ome_zarr_write_themselves(tmp_path):
     write_multiscales_metadata(group, datasets, fmt=FORMAT, axes=list(LAYOUT.axes),
                                axes_units={"z": "micrometer", "y": "micrometer", "x": "micrometer"}, name="B/3/1",
                                metadata={"omero": {"channels": [
-                                   {"label": "DAPI", "color": "0000FF", "active": True},
-                                   {"label": "FITC", "color": "00FF00", "active": True}]}})
+                                   {"label": "DAPI", "color": "0000FF", "active": True, "window": {
+                                       "start": int(data[0].min()), "end": int(data[0].max()), "min": 0,
+                                       "max": 65535}},
+                                   {"label": "FITC", "color": "00FF00", "active": True, "window": {
+                                       "start": int(data[1].min()), "end": int(data[1].max()), "min": 0,
+                                       "max": 65535}}]}})
 
     assert _documents(ours / "B/3/1") == _documents(reference / "B/3/1")
     written = zarr.open_group(ours / "B/3/1", mode="r")

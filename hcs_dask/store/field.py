@@ -75,7 +75,13 @@ class FieldLayout:
 
 
 class FieldWriter:
-    """Creates one field's multiscale image and writes regions of it (all levels at once)."""
+    """Creates one field's multiscale image and writes regions of it (all levels at once).
+
+    Each ``omero`` channel carries the ``window`` its data imply: ``start``/``end`` the
+    lowest and highest value written so far, ``min``/``max`` the range of the dtype
+    (for floats, of the data). The group's metadata is rewritten after every write; no
+    reader sees it before the well lists the field (:func:`hcs_dask.store.commit_well`).
+    """
 
     def __init__(self, output: str | Path, path: str, layout: FieldLayout, *,
                  translation_um: tuple[float, float] | None = None,
@@ -88,9 +94,15 @@ class FieldWriter:
         #: Per channel, the ``z`` indices that hold data, where channels differ in depth.
         self.channel_planes = channel_planes
         self._arrays: list[zarr.Array] | None = None
+        self._group: dict[str, Any] | None = None
+        self._ranges: dict[int, tuple[float, float]] = {}
 
-    def create(self) -> None:
-        """Write the field's group and empty level arrays; metadata comes from :func:`_field_template`."""
+    def create(self, *, write_group: bool = True) -> None:
+        """Write the field's group and empty level arrays; metadata comes from :func:`_field_template`.
+
+        ``write_group=False`` leaves the group's ``zarr.json`` to the first write, which writes it
+        with its windows (one metadata write per field, not two).
+        """
         files, metadata = _field_template(self.layout)
         folder = self.output / self.path
         if folder.exists():
@@ -103,11 +115,13 @@ class FieldWriter:
             _add_translation(group["attributes"]["ome"]["multiscales"][0], self.layout, self.translation_um)
         if self.channel_planes is not None:
             group["attributes"]["hcs_dask"] = {"channel_planes": [list(p) for p in self.channel_planes]}
+        self._group = group
         for key, data in files.items():
             if key != "zarr.json":
                 (folder / key).parent.mkdir(exist_ok=True)
                 write_file(folder / key, data)
-        write_file(folder / "zarr.json", json.dumps(group, indent=2).encode())
+        if write_group:
+            write_file(folder / "zarr.json", json.dumps(group, indent=2).encode())
         store = zarr.storage.LocalStore(self.output)
         # The arrays are opened from the metadata in hand, not read back from disk.
         self._arrays = [
@@ -118,6 +132,32 @@ class FieldWriter:
     def write(self, index: tuple[int | slice, ...], data: np.ndarray) -> None:
         """Write ``data`` (covering full y and x) at ``index`` over the leading axes, every level."""
         write_fields([(self, index, data)])
+
+    def _note_range(self, index: tuple[int | slice, ...], data: np.ndarray) -> None:
+        """Widen each written channel's value range by ``data``."""
+        axis = self.layout.axes.index("c")
+        position = index[axis] if axis < len(index) else slice(None)
+        channels = range(self.layout.shape[axis])[position] if isinstance(position, slice) else [position]
+        if isinstance(position, int):  # the index took the channel axis away
+            data = np.expand_dims(data, axis)
+        others = tuple(i for i in range(data.ndim) if i != axis)
+        lows, highs = data.min(axis=others), data.max(axis=others)
+        for channel, low, high in zip(channels, lows.tolist(), highs.tolist()):
+            seen = self._ranges.get(channel)
+            self._ranges[channel] = (low, high) if seen is None else (min(seen[0], low), max(seen[1], high))
+
+    def _write_windows(self) -> None:
+        assert self._group is not None
+        kind = np.dtype(self.layout.dtype)
+        limits = np.iinfo(kind) if kind.kind in "iu" else None
+        for channel, entry in enumerate(self._group["attributes"]["ome"]["omero"]["channels"]):
+            if channel not in self._ranges:
+                continue
+            low, high = self._ranges[channel]
+            entry["window"] = {"start": low, "end": high,
+                               "min": int(limits.min) if limits is not None else low,
+                               "max": int(limits.max) if limits is not None else high}
+        write_file(self.output / self.path / "zarr.json", json.dumps(self._group, indent=2).encode())
 
 
 #: Bytes of field data that :func:`write_fields` callers gather before a call (a well's small
@@ -135,8 +175,9 @@ def write_fields(writes: Sequence[tuple[FieldWriter, tuple[int | slice, ...], np
     whole: list[tuple[FieldWriter, zarr.Array, np.ndarray]] = []
     for writer, index, data in writes:
         if writer._arrays is None:
-            writer.create()
+            writer.create(write_group=False)
         assert writer._arrays is not None
+        writer._note_range(index, data)
         levels = []
         for level, array in enumerate(writer._arrays):
             if level:
@@ -147,8 +188,13 @@ def write_fields(writes: Sequence[tuple[FieldWriter, tuple[int | slice, ...], np
         else:
             for array, level_data in zip(writer._arrays, levels):
                 array[index] = level_data
-    if not whole:
-        return
+    if whole:
+        _write_whole(whole)
+    for writer, _, _ in writes:  # the group's metadata last, with its windows: it names what is written
+        writer._write_windows()
+
+
+def _write_whole(whole: Sequence[tuple[FieldWriter, zarr.Array, np.ndarray]]) -> None:
     shards = sync(_encode_whole([(array, data) for _, array, data in whole]))
     for (writer, array, _), shard in zip(whole, shards):
         if shard is None:  # every chunk is the fill value: zarr writes no shard either
