@@ -37,7 +37,11 @@ def test_a_whole_field_is_what_zarr_writes_one_file_per_level(tmp_path, shape, d
     for index, array in enumerate(reference._arrays):  # zarr's own write of each level
         level = downsample(level) if index else level
         array[...] = level[..., : array.shape[-2], : array.shape[-1]]
-    assert _files(ours) == _files(theirs)
+    group = "A/1/0/zarr.json"  # ours holds the channels' windows, written after the data
+    assert {k: v for k, v in _files(ours).items() if k != group} == {k: v for k, v in _files(theirs).items() if k != group}
+    channels = zarr.open_group(ours / "A/1/0", mode="r").attrs["ome"]["omero"]["channels"]
+    assert [(c["window"]["start"], c["window"]["end"]) for c in channels] == \
+        [(data[i].min().item(), data[i].max().item()) for i in range(shape[0])]
     shards = [p for p in (ours / "A/1/0").rglob("*") if p.is_file() and p.name != "zarr.json"]
     assert len(shards) == layout.levels
     assert np.array_equal(zarr.open_group(ours / "A/1/0", mode="r")["0"][...], data)
