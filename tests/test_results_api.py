@@ -219,8 +219,9 @@ def test_image_is_a_lazy_array_equal_to_the_store(failed_run):
     second = failed_run.image("A03", site=2, channel="FITC")
     np.testing.assert_array_equal(second.compute(), zarr.open_array(output / "A/3/1/0", mode="r")[1])
     np.testing.assert_array_equal(failed_run.image("A03", site=2, channel=2).compute(), second.compute())
-    small = failed_run.image("A03", level=1, z=0)
-    assert small.shape == (2, 64, 64)
+    assert failed_run.image("A03", level=0, z=0).shape == (2, 128, 128)
+    with pytest.raises(KeyError, match="no pyramid level 1"):  # 128 px fits one chunk: one level (pyramid_levels)
+        failed_run.image("A03", level=1)
     with pytest.raises(ValueError, match="A02 has no image .*failed.*RuntimeError"):
         failed_run.image("A02")
     with pytest.raises(KeyError, match="no channel 'Cy5'"):
