@@ -20,10 +20,11 @@ __all__ = ["dask_setup"]
 
 
 def dask_setup(worker: Any) -> None:
-    """Ignore SIGINT in this worker process and import :mod:`hcs_dask.guard` (runs in its main
-    thread, before it takes tasks)."""
+    """Ignore SIGINT in this worker process and import :mod:`hcs_dask.guard` and ome-zarr's writer
+    (runs in its main thread, before it takes tasks)."""
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     except ValueError:  # not the main thread: nothing can be done here
         pass
     importlib.import_module("hcs_dask.guard")
+    importlib.import_module("ome_zarr.writer")  # the field metadata's, which the store imports where used

@@ -50,7 +50,6 @@ from hcs_dask.pipeline import Pipeline, load_pipeline
 from hcs_dask.plate import Plate, row_index, split_well_name
 from hcs_dask.results import ExecutionResult, PlateResult
 from hcs_dask.store import Manifest
-from hcs_dask.tables import write_result_tables
 
 __all__ = ["PlateRun", "run_plate", "submit_graph", "submit_plate"]
 
@@ -472,6 +471,7 @@ class _Driver:
 
     def _loop(self) -> None:
         self._fill()
+        import hcs_dask.tables  # noqa: F401  (pandas for the result's tables, imported while the first wells run)
         last_refresh = last_progress = time.monotonic()
         while self.inflight or self.pending or self.suspects:
             try:
@@ -927,6 +927,8 @@ class _Driver:
                              channels=plate.channels, channel_names={c: plate.channel_name(c) for c in plate.channels},
                              plate_root=plate.root, stopped=self.stopped, source_plate=plate, pipeline=graph.pipeline)
         try:
+            from hcs_dask.tables import write_result_tables  # pandas, once the wells have ended
+
             write_result_tables(result, graph.measurements_path, table_format=self.policy.table_format)
         except Exception as error:  # the wells are recorded in the store's manifest; the result stands
             logger.warning("plate %s: writing its tables failed: %s: %s", plate.name, type(error).__name__, error)

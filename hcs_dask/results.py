@@ -15,9 +15,10 @@ import statistics
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
-import pandas as pd
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["STATUSES", "ExecutionResult", "PlateResult"]
 
@@ -201,6 +202,8 @@ class PlateResult:
     @property
     def measurements(self) -> pd.DataFrame:
         """One row per well and per context a step measured in (e.g. per site)."""
+        import pandas as pd  # with the first table, not with hcs_dask
+
         rows = [row for result in self.wells for row in result.measurements]
         if not rows:
             return pd.DataFrame({"well": pd.Series([], dtype=str)})
@@ -216,6 +219,8 @@ class PlateResult:
         worker process's as ``process_*`` (``process_rss_after_cleanup_bytes``, and
         ``process_shared``: whether those were shared with another well).
         """
+        import pandas as pd  # with the first table, not with hcs_dask
+
         from hcs_dask.plate import split_well_name
 
         rows = []

@@ -5,15 +5,28 @@ from __future__ import annotations
 import json
 import os
 from concurrent.futures import ThreadPoolExecutor
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
 import zarr
-from ome_zarr.format import FormatV05
 
-__all__ = ["FORMAT", "fsync_path", "fsync_paths", "group_document", "metadata_files", "write_file", "write_files"]
+__all__ = ["fsync_path", "fsync_paths", "group_document", "metadata_files", "ome_format", "write_file",
+           "write_files"]
 
-FORMAT = FormatV05()
+
+@lru_cache(maxsize=1)
+def ome_format() -> Any:
+    """The NGFF format this store writes (0.5), from ome-zarr, which is imported (Dask with it) on first use."""
+    from ome_zarr.format import FormatV05
+
+    return FormatV05()
+
+
+def __getattr__(name: str) -> Any:
+    if name == "FORMAT":  # ome_format(), for those who import it by name
+        return ome_format()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def metadata_files(build: Callable[[zarr.Group], Any]) -> dict[str, bytes]:

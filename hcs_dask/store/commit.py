@@ -13,9 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
-from ome_zarr.writer import write_well_metadata
-
-from hcs_dask.store._files import FORMAT, fsync_paths, metadata_files, write_file
+from hcs_dask.store._files import fsync_paths, metadata_files, ome_format, write_file
 
 __all__ = ["commit_well", "reset_well", "well_document"]
 
@@ -30,7 +28,9 @@ def well_document(fields: tuple[int, ...]) -> bytes:
     [{'path': '0'}, {'path': '1'}]
     """
     images = [{"path": str(f)} for f in fields]
-    return metadata_files(lambda group: write_well_metadata(group, images, fmt=FORMAT))["zarr.json"]
+    from ome_zarr.writer import write_well_metadata
+
+    return metadata_files(lambda group: write_well_metadata(group, images, fmt=ome_format()))["zarr.json"]
 
 
 def _listed_images(folder: Path) -> list:

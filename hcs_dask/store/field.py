@@ -23,7 +23,7 @@ import zarr
 from zarr.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from hcs_dask.store._files import FORMAT, metadata_files, write_file
+from hcs_dask.store._files import metadata_files, ome_format, write_file
 
 __all__ = ["CHUNK_YX", "FieldLayout", "FieldWriter", "WRITE_BATCH_BYTES", "downsample", "pyramid_levels",
            "write_fields"]
@@ -254,7 +254,7 @@ def _field_template(layout: FieldLayout) -> tuple[dict[str, bytes], tuple[Any, .
         write_multiscales_metadata(
             group,
             datasets,
-            fmt=FORMAT,
+            fmt=ome_format(),
             axes=list(layout.axes),
             axes_units=units or None,
             name="",

@@ -12,10 +12,8 @@ import os
 import shutil
 from pathlib import Path
 
-from ome_zarr.writer import write_plate_metadata
-
 from hcs_dask.plate import Plate
-from hcs_dask.store._files import FORMAT, fsync_path, fsync_paths, metadata_files, write_files
+from hcs_dask.store._files import fsync_path, fsync_paths, metadata_files, ome_format, write_files
 from hcs_dask.store.commit import well_document
 from hcs_dask.store.manifest import Manifest
 
@@ -160,6 +158,8 @@ def prepare_plate_layout(output: str | Path, plate: Plate, *, overwrite: bool = 
     OutputError
         From :func:`check_output`, before anything is written.
     """
+    from ome_zarr.writer import write_plate_metadata  # ome-zarr (and Dask with it) where it is used
+
     output = check_output(output, overwrite=overwrite)
     rows = sorted({w.row for w in plate.wells}, key=plate.row_names().index)
     columns = sorted({str(w.column) for w in plate.wells}, key=int)
@@ -168,7 +168,7 @@ def prepare_plate_layout(output: str | Path, plate: Plate, *, overwrite: bool = 
         rows=rows,
         columns=columns,
         wells=[f"{w.row}/{w.column}" for w in plate.wells],
-        fmt=FORMAT,
+        fmt=ome_format(),
         field_count=len(plate.sites),
         name=plate.name,
     ))
