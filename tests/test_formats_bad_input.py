@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import gc
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -30,12 +32,18 @@ def copy(sources: dict[str, Path], plate_format: str, tmp_path: Path) -> Path:
 
 
 def assert_bad_input(plate: Path, tmp_path: Path, *words: str) -> None:
-    """``inspect`` and ``run`` both exit 2 with ``words`` in the message; ``run`` writes no output."""
+    """``inspect`` and ``run`` both exit 2 with ``words`` in the message; ``run`` writes no output;
+    no file is left open (a reader's file that only the garbage collector would close)."""
     before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
-    inspected = CliRunner().invoke(main, ["inspect", str(plate)], catch_exceptions=False)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        inspected = CliRunner().invoke(main, ["inspect", str(plate)], catch_exceptions=False)
+        output = tmp_path / "out.ome.zarr"
+        ran = CliRunner().invoke(main, ["run", "max_projection", str(plate), "-o", str(output)],
+                                 catch_exceptions=False)
+        gc.collect()
+    assert not [w for w in caught if issubclass(w.category, ResourceWarning)], [str(w.message) for w in caught]
     assert inspected.exit_code == 2, inspected.output
-    output = tmp_path / "out.ome.zarr"
-    ran = CliRunner().invoke(main, ["run", "max_projection", str(plate), "-o", str(output)], catch_exceptions=False)
     assert ran.exit_code == 2, ran.output
     for result in (inspected, ran):
         assert result.output.startswith("error: ")

@@ -23,6 +23,7 @@ import re
 import warnings
 import xml.etree.ElementTree as ElementTree
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from hcs_dask.formats._common import (
     Place, build_wells, geometry, length_in_um, listing, local_name, well_name, z_step,
@@ -155,43 +156,51 @@ class _Index:
 def _parse_index(path: str) -> _Index:
     """Stream the index: a 384-well plate's index is tens of MB, so elements are cleared as read."""
     index = _Index(path)
-    stack: list[str] = []
     try:
-        for event, element in ElementTree.iterparse(path, events=("start", "end")):
-            name = local_name(element.tag)
-            if event == "start":
-                if not stack and name != "EvaluationInputData":
-                    raise PlateError(f"{path} is not a Harmony index: its root element is <{name}>, "
-                                     "not <EvaluationInputData>")
-                stack.append(name)
-                continue
-            stack.pop()
-            parent = stack[-1] if stack else None
-            if name == "Image" and parent == "Images":
-                index.images.append(_children(element, _IMAGE_FIELDS))
-                element.clear()
-            elif name == "Entry" and parent == "Map":
-                channel = element.get("ChannelID")
-                described = _children(element, _CHANNEL_FIELDS)
-                if channel is not None and channel.strip().isdigit() and described:
-                    index.channels.setdefault(int(channel), {}).update(described)
-                element.clear()
-            elif parent == "Plate":
-                text = (element.text or "").strip()
-                if name == "Name" and text:
-                    index.plate_name = text
-                elif name == "PlateID" and text and index.plate_name is None:
-                    index.plate_name = text
-                elif name == "PlateRows" and text.isdigit():
-                    index.rows = int(text)
-                elif name == "PlateColumns" and text.isdigit():
-                    index.columns = int(text)
+        # Opened here, not by iterparse: a generator left by an exception keeps its own file open
+        # until it is collected.
+        with open(path, "rb") as handle:
+            _read_index(handle, index)
     except ElementTree.ParseError as error:
         line, column = error.position
         raise PlateError(f"{path} is malformed XML (line {line}, column {column}): {error.msg}") from None
     except OSError as error:
         raise PlateError(f"cannot read {path}: {error.strerror or error}") from None
     return index
+
+
+def _read_index(handle: BinaryIO, index: _Index) -> None:
+    path = index.path
+    stack: list[str] = []
+    for event, element in ElementTree.iterparse(handle, events=("start", "end")):
+        name = local_name(element.tag)
+        if event == "start":
+            if not stack and name != "EvaluationInputData":
+                raise PlateError(f"{path} is not a Harmony index: its root element is <{name}>, "
+                                 "not <EvaluationInputData>")
+            stack.append(name)
+            continue
+        stack.pop()
+        parent = stack[-1] if stack else None
+        if name == "Image" and parent == "Images":
+            index.images.append(_children(element, _IMAGE_FIELDS))
+            element.clear()
+        elif name == "Entry" and parent == "Map":
+            channel = element.get("ChannelID")
+            described = _children(element, _CHANNEL_FIELDS)
+            if channel is not None and channel.strip().isdigit() and described:
+                index.channels.setdefault(int(channel), {}).update(described)
+            element.clear()
+        elif parent == "Plate":
+            text = (element.text or "").strip()
+            if name == "Name" and text:
+                index.plate_name = text
+            elif name == "PlateID" and text and index.plate_name is None:
+                index.plate_name = text
+            elif name == "PlateRows" and text.isdigit():
+                index.rows = int(text)
+            elif name == "PlateColumns" and text.isdigit():
+                index.columns = int(text)
 
 
 def _children(element: ElementTree.Element, wanted: frozenset[str]) -> dict[str, tuple[str, str | None]]:
