@@ -58,3 +58,28 @@ def test_malloc_trim_setting_is_read_at_package_import(user_value):
             "import hcs_dask.cluster\nprint(json.dumps(hcs_dask.cluster._USER_SET_MALLOC_TRIM))")
     environ = {} if user_value is None else {"MALLOC_TRIM_THRESHOLD_": user_value}
     assert _fresh(code, **environ) is (user_value is not None)
+
+
+@pytest.mark.parametrize(("argv", "code", "stream", "text"), [
+    (["--version"], 0, "stdout", "version"),
+    (["no-such-command"], 2, "stderr", "No such command"),
+    (["run", "max_projection", "/no/such/plate", "-o", "/no/such/out.ome.zarr"], 2, "stderr", "error: /no/such/plate does not exist"),
+])
+def test_the_console_script_exits_with_the_commands_code_after_atexit_and_flushed_output(argv, code, stream, text):
+    """``hcs-dask`` (``cli.entry``) skips only the interpreter's teardown: the exit code is click's, the
+    ``atexit`` functions run, and what was written into a pipe arrives whole."""
+    program = ("import atexit, sys\natexit.register(lambda: print('atexit ran', file=sys.stderr))\n"
+               f"sys.argv = ['hcs-dask', *{argv!r}]\nfrom hcs_dask.cli import entry\nentry()\n")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert done.returncode == code, done.stderr
+    assert text in getattr(done, stream), (done.stdout, done.stderr)
+    assert done.stderr.rstrip().endswith("atexit ran"), done.stderr
+
+
+def test_the_console_script_leaves_the_exit_to_python_while_another_thread_runs():
+    program = ("import sys, threading, time\n"
+               "threading.Thread(target=lambda: (time.sleep(1), print('thread finished')), daemon=False).start()\n"
+               "sys.argv = ['hcs-dask', '--version']\nfrom hcs_dask.cli import entry\nentry()\n")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines()[-1] == "thread finished"
