@@ -35,6 +35,8 @@ import threading
 import time
 import uuid
 from collections import deque
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as wait_for
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -226,10 +228,12 @@ def submit_plate(
     # The cluster starts while this thread scans the plate, compiles it and writes its layout
     # out of sight; a plate that cannot run closes the cluster again, and the layout appears
     # only once the cluster is up.
-    starting = _Background(lambda: owned.enter_context(connect(
+    starter = ThreadPoolExecutor(max_workers=1, thread_name_prefix="hcs-dask-cluster-start")
+    starting = starter.submit(lambda: owned.enter_context(connect(
         client=spec.client, scheduler=spec.scheduler, n_workers=spec.n_workers,
         threads_per_worker=spec.threads_per_worker, memory_limit=spec.memory_limit,
         cluster=spec.cluster, **spec.cluster_options)))
+    starter.shutdown(wait=False)  # its one thread ends once the cluster has started
     try:
         if not isinstance(plate, Plate):
             from hcs_dask.formats import open_plate
@@ -244,7 +248,7 @@ def submit_plate(
         # Flushed in a hidden sibling folder: a cluster that cannot be reached leaves nothing behind.
         layout = None if policy.resume else prepare_output(graph, overwrite=policy.overwrite)
     except BaseException:
-        starting.wait()
+        wait_for([starting])
         owned.close()
         raise
     try:
@@ -936,33 +940,6 @@ class _Driver:
 
 
 # ------------------------------------------------------------------ helpers
-class _Background:
-    """``function()`` on a thread of its own, started at once; :meth:`result` waits and returns it."""
-
-    def __init__(self, function: Any) -> None:
-        self._value: Any = None
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(function,), name="hcs-dask-cluster-start",
-                                        daemon=True)
-        self._thread.start()
-
-    def _run(self, function: Any) -> None:
-        try:
-            self._value = function()
-        except BaseException as error:  # handed to the waiting thread
-            self._error = error
-
-    def wait(self) -> None:
-        self._thread.join()
-
-    def result(self) -> Any:
-        """The function's value, once it has returned; its exception, raised here."""
-        self._thread.join()
-        if self._error is not None:
-            raise self._error
-        return self._value
-
-
 def _text(error: BaseException) -> str:
     try:
         return str(error)
