@@ -23,7 +23,6 @@ from hcs_dask.store.manifest import Manifest
 __all__ = [
     "CHUNK_YX",
     "WRITE_BATCH_BYTES",
-    "FORMAT",
     "FieldLayout",
     "FieldWriter",
     "Manifest",
@@ -41,8 +40,3 @@ __all__ = [
     "write_fields",
 ]
 
-
-def __getattr__(name: str):
-    if name == "FORMAT":  # ome-zarr is imported where the store's metadata is made, not with the package
-        return ome_format()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

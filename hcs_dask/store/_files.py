@@ -23,12 +23,6 @@ def ome_format() -> Any:
     return FormatV05()
 
 
-def __getattr__(name: str) -> Any:
-    if name == "FORMAT":  # ome_format(), for those who import it by name
-        return ome_format()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
 def metadata_files(build: Callable[[zarr.Group], Any]) -> dict[str, bytes]:
     """The ``zarr.json`` files zarr writes for ``build(group)`` run on an empty in-memory group.
 
