@@ -146,7 +146,7 @@ def test_the_preloaded_plugin_cleans_after_tasks_nobody_registered_it_for(hand_c
         assert CleanupPlugin.name not in client.run_on_scheduler(_registered_on_scheduler)
         assert client.gather(client.map(operator.neg, range(20))) == [-i for i in range(20)]
         stats = cleanup_stats(client)
-        environments = client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_")
+        environments = client.run(os.getenv, "MALLOC_TRIM_THRESHOLD_")
     assert len(stats) == 2 and all(s["registered"] for s in stats.values())
     assert sum(s["tasks_seen"] for s in stats.values()) >= 20
     assert all(s["cleanups_run"] >= 1 for s in stats.values() if s["tasks_seen"])

@@ -125,8 +125,8 @@ def test_embedded_workers_keep_glibc_adaptive_malloc_even_after_a_plain_cluster(
     monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)  # restored after the test
     with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0") as plain, \
             Client(plain) as plain_client:
-        assert set(plain_client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_").values()) == {"65536"}
+        assert set(plain_client.run(os.getenv, "MALLOC_TRIM_THRESHOLD_").values()) == {"65536"}
     assert os.environ.get("MALLOC_TRIM_THRESHOLD_") == "65536"
     with connect(n_workers=1, threads_per_worker=1) as client:
-        values = client.run(os.environ.get, "MALLOC_TRIM_THRESHOLD_")
+        values = client.run(os.getenv, "MALLOC_TRIM_THRESHOLD_")
     assert values and set(values.values()) == {None}
