@@ -7,24 +7,34 @@ cancels the run cleanly instead; the workers ignore SIGINT and end when their cl
 is closed.
 
 Each worker also imports the well task's modules (zarr, ome-zarr, the readers) as it starts,
-while the client scans and compiles the plate, instead of in its first well.
+while the client scans and compiles the plate, instead of in its first well (a worker forked
+from :mod:`hcs_dask._forkserver`'s server has them already), and removes the environment
+variables that its server has but the client no longer has.
 """
 
 from __future__ import annotations
 
 import importlib
+import json
+import os
 import signal
 from typing import Any
+
+from hcs_dask._environ import UNSET_VARIABLE
 
 __all__ = ["dask_setup"]
 
 
 def dask_setup(worker: Any) -> None:
-    """Ignore SIGINT in this worker process and import :mod:`hcs_dask.guard` and ome-zarr's writer
-    (runs in its main thread, before it takes tasks)."""
+    """Ignore SIGINT in this worker process, remove the variables its nanny names under
+    :data:`~hcs_dask._environ.UNSET_VARIABLE`, and import :mod:`hcs_dask.guard` and ome-zarr's
+    writer (runs in its main thread, before it takes tasks)."""
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     except ValueError:  # not the main thread: nothing can be done here
         pass
+    unset = os.environ.pop(UNSET_VARIABLE, None)
+    for name in json.loads(unset) if unset else ():
+        os.environ.pop(name, None)
     importlib.import_module("hcs_dask.guard")
     importlib.import_module("ome_zarr.writer")  # the field metadata's, which the store imports where used

@@ -80,6 +80,17 @@ def _report(result: PlateResult, summary: str | None) -> None:
         click.echo(f"summary: {summary}")
 
 
+def _prestart_workers() -> None:
+    """Start the embedded workers' fork server before this process imports distributed."""
+    from hcs_dask._forkserver import prestart
+
+    try:
+        prestart()
+    except ValueError as error:  # a bad hcs-dask.worker-start in the Dask config
+        click.echo(f"error: {error}", err=True)
+        sys.exit(2)
+
+
 def _run(graph: str, plate_path: str, output: str, *, device: str, summary: str | None,
          wells: str | None = None, **options: object) -> PlateResult:
     from hcs_dask.cluster import ClusterError
@@ -243,6 +254,8 @@ def run(graph: str, plate: str, output: str, workers: int | None, threads_per_wo
         no_fsync: bool, cluster: str, wells: str | None, skip_incomplete: bool, accept_changed_pipeline: bool,
         max_failures: int, table_format: str, **rmm_options: object) -> None:
     """Run GRAPH (a pipeline file, or a bundled graph's name) on the PLATE folder."""
+    if scheduler is None and cluster == "local":
+        _prestart_workers()
     with _scaled_out(cluster, rmm_options) as scale_out:
         # Only the RMM options given: flags left off are no options at all.
         given = {name: value for name, value in rmm_options.items() if value not in (None, False)}
@@ -294,6 +307,7 @@ def synth(directory: str, plate_format: str, wells: int, sites: int, channels: i
 @click.option("--workers", type=int, default=None, help="Workers of the embedded cluster [one per core].")
 def demo(directory: str, wells: int, workers: int | None) -> None:
     """Synthesise a small plate, run the nuclei-count graph on an embedded LocalCluster, and save its plate map."""
+    _prestart_workers()
     root = Path(directory)
     plate_dir = root / "plate"
     if not plate_dir.exists():

@@ -18,14 +18,15 @@ import os
 import shutil
 import subprocess
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
 import dask
 from distributed.diagnostics.plugin import WorkerPlugin
 
-from hcs_dask._environ import USER_SET_MALLOC_TRIM
+from hcs_dask import _forkserver
+from hcs_dask._environ import EMBEDDED_PRE_SPAWN_ENVIRON, USER_SET_MALLOC_TRIM, drop_inherited_malloc_trim
 
 __all__ = ["CLUSTER_KINDS", "CUDA_WORKER_CONFIG", "ClusterError", "ClusterOptionError", "EMBEDDED_LIFETIME_CONFIG",
            "EMBEDDED_SCHEDULER_CONFIG", "EMBEDDED_WORKER_PRELOAD",
@@ -46,11 +47,11 @@ __all__ = ["CLUSTER_KINDS", "CUDA_WORKER_CONFIG", "ClusterError", "ClusterOption
 #: kernel on free: about 100 ms of a 500 ms well on the standard benchmark plate
 #: (``bench/throughput.py``). hcs_dask frees a well's arrays itself (the cleanup
 #: guarantee), and glibc reuses them for the next well, so the workers start without it.
-#: A value the user exported in the shell is kept (see :func:`_drop_inherited_malloc_trim`).
+#: A value the user exported in the shell is kept (see :func:`hcs_dask._environ.drop_inherited_malloc_trim`).
 EMBEDDED_SCHEDULER_CONFIG = {
     "distributed.scheduler.allowed-failures": 0,
     "distributed.scheduler.worker-saturation": 1.0,
-    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+    **{f"distributed.nanny.pre-spawn-environ.{name}": value for name, value in EMBEDDED_PRE_SPAWN_ENVIRON.items()},
 }
 
 #: What the workers of ``connect(cluster="cuda")`` start with, besides the scheduler config.
@@ -62,6 +63,11 @@ EMBEDDED_SCHEDULER_CONFIG = {
 CUDA_WORKER_CONFIG = {
     "distributed.nanny.environ.XLA_PYTHON_CLIENT_PREALLOCATE": "false",
 }
+
+#: How the workers of ``connect(cluster="cuda")`` start: each a fresh interpreter (Dask's
+#: default), whatever ``hcs-dask.worker-start`` says: forked dask-cuda workers have not been run
+#: on a GPU yet. The embedded local cluster's are forked (:mod:`hcs_dask._forkserver`).
+SPAWNED_WORKERS = {"distributed.worker.multiprocessing-method": "spawn"}
 
 #: In force while an embedded cluster runs (read by its SpecCluster when a worker leaves):
 #: a worker whose nanny has not brought it back after ``lost-worker-timeout`` (Dask's
@@ -96,18 +102,6 @@ EMBEDDED_WORKER_PRELOAD = "hcs_dask._embedded_worker"
 #: (read by ``import hcs_dask`` itself, in :mod:`hcs_dask._environ`, before any nanny of this
 #: process can set it; this module may be imported later).
 _USER_SET_MALLOC_TRIM = USER_SET_MALLOC_TRIM
-
-
-def _drop_inherited_malloc_trim() -> None:
-    """Forget a ``MALLOC_TRIM_THRESHOLD_`` that a Dask nanny, not the user, put in this process.
-
-    A nanny writes its pre-spawn environment into the *parent's* ``os.environ``, so
-    after any plain ``LocalCluster`` in this process (a notebook, a test session) every
-    later worker would inherit the variable whatever the config says. The user's own
-    value (present when hcs_dask was imported) is kept.
-    """
-    if not _USER_SET_MALLOC_TRIM:
-        os.environ.pop("MALLOC_TRIM_THRESHOLD_", None)
 
 
 def _with_preload(options: dict[str, Any]) -> dict[str, Any]:
@@ -496,27 +490,34 @@ def connect(
             yield cuda_client
         return
     passed = _with_preload({name: value for name, value in cluster_options.items() if not name.startswith("rmm_")})
-    _drop_inherited_malloc_trim()
-    with dask.config.set(EMBEDDED_SCHEDULER_CONFIG):
-        local_cluster = LocalCluster(
-            n_workers=n_workers or available_cores(),
-            threads_per_worker=threads_per_worker,
-            processes=True,
-            memory_limit=memory_limit,
-            scheduler_port=0,
-            dashboard_address=":0",
-            silence_logs=logging.ERROR,
-            **passed,
-        )
-    # Not `with Client(...)`: a run's driver thread closes the cluster, and the client's
-    # context manager may only be left in the context (thread) that entered it.
-    local = Client(local_cluster)
-    try:
-        with dask.config.set(EMBEDDED_LIFETIME_CONFIG):
+    drop_inherited_malloc_trim()
+    with ExitStack() as stack:
+        # Dask reads the start method whenever a nanny starts a worker process: restarts too.
+        method = {"distributed.worker.multiprocessing-method": _forkserver.start_method()}
+        if method["distributed.worker.multiprocessing-method"] == "forkserver":
+            with dask.config.set(EMBEDDED_SCHEDULER_CONFIG):
+                changed, release = _forkserver.acquire(dask.config.get("distributed.nanny.pre-spawn-environ"))
+            stack.callback(release)
+            if changed:
+                passed["env"] = {**changed, **(passed.get("env") or {})}
+        with dask.config.set({**EMBEDDED_SCHEDULER_CONFIG, **method}):
+            local_cluster = LocalCluster(
+                n_workers=n_workers or available_cores(),
+                threads_per_worker=threads_per_worker,
+                processes=True,
+                memory_limit=memory_limit,
+                scheduler_port=0,
+                dashboard_address=":0",
+                silence_logs=logging.ERROR,
+                **passed,
+            )
+        stack.callback(local_cluster.close)
+        # Not `with Client(...)`: a run's driver thread closes the cluster, and the client's
+        # context manager may only be left in the context (thread) that entered it.
+        local = Client(local_cluster)
+        stack.callback(local.close)
+        with dask.config.set({**EMBEDDED_LIFETIME_CONFIG, **method}):
             yield local
-    finally:
-        local.close()
-        local_cluster.close()
 
 
 @contextmanager
@@ -532,9 +533,9 @@ def _cuda_client(n_workers: int | None, memory_limit: str | float | None,
     except Exception as error:  # ImportError, or a CUDA library of its dependencies that fails to load
         raise ClusterError(f"dask-cuda cannot be imported: {type(error).__name__}: {error} "
                            f"({GPU_INSTALL_HINT})") from error
-    _drop_inherited_malloc_trim()
+    drop_inherited_malloc_trim()
     # The nannies read both configs when they are made, here, and keep them for restarts.
-    with dask.config.set({**EMBEDDED_SCHEDULER_CONFIG, **CUDA_WORKER_CONFIG}):
+    with dask.config.set({**EMBEDDED_SCHEDULER_CONFIG, **CUDA_WORKER_CONFIG, **SPAWNED_WORKERS}):
         try:
             cuda_cluster = dask_cuda.LocalCUDACluster(
                 n_workers=n_workers,
@@ -561,7 +562,7 @@ def _cuda_client(n_workers: int | None, memory_limit: str | float | None,
             # joins, after dask-cuda's own RMM set-up there: restarted ones too.
             cuda_client.register_plugin(RMMReinitializePlugin(
                 options["rmm_pool_size"], options["rmm_maximum_pool_size"], options["rmm_managed_memory"]))
-        with dask.config.set(EMBEDDED_LIFETIME_CONFIG):
+        with dask.config.set({**EMBEDDED_LIFETIME_CONFIG, **SPAWNED_WORKERS}):
             yield cuda_client
     finally:
         cuda_client.close()

@@ -1,0 +1,132 @@
+"""How embedded workers start (``hcs_dask._forkserver``): forked from one server process that has
+their modules imported, with this process's environment as it is when each cluster starts.
+
+Real LocalClusters (processes); the parent of a worker process says how it was started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import dask
+import psutil
+import pytest
+
+from hcs_dask import _forkserver
+from hcs_dask.cluster import connect
+
+
+def _parents(client) -> set[int]:
+    return set(client.run(os.getppid).values())
+
+
+def _is_fork_server(pid: int) -> bool:
+    return "multiprocessing.forkserver" in " ".join(psutil.Process(pid).cmdline())
+
+
+def test_workers_fork_from_a_server_that_has_their_modules():
+    with connect(n_workers=2, threads_per_worker=1) as client:
+        [parent] = _parents(client)  # both workers: one server
+        loaded = client.run(lambda: [m for m in _forkserver.WORKER_MODULES if m in sys.modules])
+    assert parent != os.getpid() and _is_fork_server(parent)
+    assert psutil.Process(parent).ppid() == os.getpid()  # the server is this process's child
+    assert all(modules == list(_forkserver.WORKER_MODULES) for modules in loaded.values())
+
+
+def test_spawn_in_the_dask_config_starts_fresh_interpreters():
+    with dask.config.set({"hcs-dask.worker-start": "spawn"}), connect(n_workers=1, threads_per_worker=1) as client:
+        assert _parents(client) == {os.getpid()}  # the nanny, in this process, spawned it
+
+
+def test_a_bad_start_method_names_the_setting():
+    with dask.config.set({"hcs-dask.worker-start": "fork"}), \
+            pytest.raises(ValueError, match="hcs-dask.worker-start is 'fork'.*forkserver, spawn"):
+        with connect(n_workers=1, threads_per_worker=1):
+            pass
+
+
+def _variable(client, name: str) -> set:
+    return set(client.run(os.getenv, name).values())
+
+
+def test_workers_see_the_environment_as_it_is_when_their_cluster_starts(monkeypatch):
+    monkeypatch.setenv("HCS_DASK_TEST_VARIABLE", "first")
+    with connect(n_workers=1, threads_per_worker=1) as client:
+        assert _variable(client, "HCS_DASK_TEST_VARIABLE") == {"first"}
+        [server] = _parents(client)
+    monkeypatch.setenv("HCS_DASK_TEST_VARIABLE", "second")
+    with connect(n_workers=1, threads_per_worker=1) as client:  # nothing uses the server: started again
+        assert _variable(client, "HCS_DASK_TEST_VARIABLE") == {"second"}
+        [restarted] = _parents(client)
+    monkeypatch.delenv("HCS_DASK_TEST_VARIABLE")
+    with connect(n_workers=1, threads_per_worker=1) as client:
+        assert _variable(client, "HCS_DASK_TEST_VARIABLE") == {None}
+    assert len({server, restarted}) == 2 and not psutil.pid_exists(server)
+    with connect(n_workers=1, threads_per_worker=1) as client:  # the same environment: the same server
+        [kept] = _parents(client)
+        with connect(n_workers=1, threads_per_worker=1) as again:
+            assert _parents(again) == {kept}
+
+
+def test_a_cluster_beside_a_running_one_hands_its_workers_what_changed(monkeypatch):
+    monkeypatch.setenv("HCS_DASK_TEST_REMOVED", "here")
+    monkeypatch.delenv("HCS_DASK_TEST_ADDED", raising=False)
+    with connect(n_workers=1, threads_per_worker=1) as first:
+        [server] = _parents(first)
+        monkeypatch.setenv("HCS_DASK_TEST_ADDED", "later")
+        monkeypatch.delenv("HCS_DASK_TEST_REMOVED")
+        with connect(n_workers=1, threads_per_worker=1) as second:  # the server is in use: kept
+            assert _parents(second) == {server}
+            assert _variable(second, "HCS_DASK_TEST_ADDED") == {"later"}
+            assert _variable(second, "HCS_DASK_TEST_REMOVED") == {None}
+            assert _variable(second, "HCS_DASK_UNSET_ENVIRON") == {None}
+            # a worker its nanny restarts gets the same
+            second.restart()
+            assert _variable(second, "HCS_DASK_TEST_ADDED") == {"later"}
+            assert _variable(second, "HCS_DASK_TEST_REMOVED") == {None}
+        assert _variable(first, "HCS_DASK_TEST_REMOVED") == {"here"}
+        assert _variable(first, "HCS_DASK_TEST_ADDED") == {None}
+
+
+def test_workers_have_the_nannys_start_environment():
+    with connect(n_workers=1, threads_per_worker=1) as client:
+        values = client.run(lambda: {name: os.environ.get(name) for name in
+                                     ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")})
+    [environ] = values.values()
+    expected = dask.config.get("distributed.nanny.pre-spawn-environ")
+    assert environ == {name: os.environ.get(name, str(expected[name])) for name in environ}
+
+
+def test_the_command_lines_early_server_is_the_one_its_cluster_uses():
+    # prestart runs before distributed is imported, guessing the nanny's environment from
+    # distributed's config file; a wrong guess would start the server again once distributed is in.
+    code = (
+        "import json, os, sys\n"
+        "from hcs_dask._forkserver import prestart\n"
+        "prestart()\n"
+        "early = 'distributed' in sys.modules\n"
+        "import psutil\n"
+        "[server] = [p.pid for p in psutil.Process().children() if 'forkserver' in ' '.join(p.cmdline())]\n"
+        "from hcs_dask.cluster import connect\n"
+        "with connect(n_workers=1, threads_per_worker=1) as client:\n"
+        "    parents = sorted(set(client.run(os.getppid).values()))\n"
+        "print(json.dumps({'early': early, 'server': server, 'parents': parents}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_TRIM_THRESHOLD_"}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["early"] is False
+    assert seen["parents"] == [seen["server"]]
+
+
+def test_the_command_line_refuses_a_bad_start_method(tmp_path):
+    env = {**os.environ, "DASK_HCS_DASK__WORKER_START": "threads"}
+    done = subprocess.run([sys.executable, "-m", "hcs_dask.cli", "demo", "--directory", str(tmp_path / "demo")],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 2
+    assert "hcs-dask.worker-start is 'threads'" in done.stderr
+    assert not (tmp_path / "demo").exists()
