@@ -2,7 +2,8 @@
 (the same reads, functions and zarr writes as hcs_dask, with no Dask), timing and tables.
 
 Not a benchmark itself. The scripts beside it import it as ``_common`` (``python bench/x.py``
-puts ``bench/`` first on ``sys.path``, and spawned Dask workers inherit that path).
+puts ``bench/`` first on ``sys.path``, and the embedded Dask workers, forked or spawned, are
+given that path by multiprocessing).
 """
 
 from __future__ import annotations

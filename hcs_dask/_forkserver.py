@@ -6,8 +6,10 @@ interpreter that imports distributed, NumPy, zarr, ome-zarr and the readers agai
 :func:`acquire` (called by :func:`hcs_dask.cluster.connect`) makes sure the server runs before the
 cluster's nannies start their workers. The command line starts it sooner, with
 :func:`prestart`, before the client itself imports distributed, so that the server's imports run
-beside the client's. A worker is then a fork of the server, and so is a worker that its nanny
-restarts. ``bench/openhcs.py`` and ``bench/throughput.py`` measure the whole commands.
+beside the client's. Each worker the cluster starts with is then a fork of the server. A worker
+that its nanny restarts later (after a death) is spawned, Dask's default: the start method is
+read from the config of the whole process, which a run must not change for the user's own
+clusters. ``bench/openhcs.py`` and ``bench/throughput.py`` measure the whole commands.
 
 The workers' environment is this process's environment as it is when the cluster starts, as
 with freshly spawned workers. The server is started with it, plus what a nanny writes into it
@@ -18,8 +20,12 @@ While one is, a second cluster forks from the same server: its nannies hand the 
 variables set or changed since (the nanny's ``env``, set before the worker is made) and the
 names of those removed since (which the worker's preload removes before it takes a task), but
 a variable read at process start (``MALLOC_*``, ``LD_PRELOAD``, ``PYTHONHASHSEED``) or at an
-import of the server's (``OMP_NUM_THREADS`` at NumPy's) keeps the server's value there. The working directory and
-``sys.path`` are the client's at each worker's start (multiprocessing sends them).
+import of the server's (``OMP_NUM_THREADS`` at NumPy's) keeps the server's value there. The
+working directory and ``sys.path`` are the client's at each worker's start (multiprocessing
+sends them with every fork).
+
+A fork server that something else in this process started first (a ``LocalCluster`` of the
+user's with Dask's forkserver method) is used as it is, with its own environment and imports.
 
 ``hcs-dask.worker-start: spawn`` in the Dask config (``DASK_HCS_DASK__WORKER_START=spawn``) starts
 every worker as a fresh interpreter instead (Dask's default start).
@@ -61,7 +67,8 @@ _users = 0  # embedded clusters of this process whose workers fork from the serv
 
 
 def start_method() -> str:
-    """``hcs-dask.worker-start`` from the Dask config: ``"forkserver"`` (the default) or ``"spawn"``.
+    """``hcs-dask.worker-start`` from the Dask config: ``"forkserver"`` (the default; ``"spawn"``
+    where the platform has no fork) or ``"spawn"``.
 
     Raises
     ------
@@ -74,6 +81,8 @@ def start_method() -> str:
     if method not in START_METHODS:
         raise ValueError(f"hcs-dask.worker-start is {method!r} in the Dask config; "
                          f"it must be one of {', '.join(START_METHODS)}")
+    if method == "forkserver" and "forkserver" not in multiprocessing.get_all_start_methods():
+        return "spawn"  # Windows has no fork
     return method
 
 

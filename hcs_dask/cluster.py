@@ -492,7 +492,10 @@ def connect(
     passed = _with_preload({name: value for name, value in cluster_options.items() if not name.startswith("rmm_")})
     drop_inherited_malloc_trim()
     with ExitStack() as stack:
-        # Dask reads the start method whenever a nanny starts a worker process: restarts too.
+        # Dask reads the start method whenever a nanny starts a worker process, from the config
+        # of the whole process: it is set while the cluster is made, not while it runs, so that
+        # a LocalCluster of the user's made meanwhile starts its workers as it would anyway. A
+        # worker that its nanny restarts later is spawned.
         method = {"distributed.worker.multiprocessing-method": _forkserver.start_method()}
         if method["distributed.worker.multiprocessing-method"] == "forkserver":
             with dask.config.set(EMBEDDED_SCHEDULER_CONFIG):
@@ -516,7 +519,7 @@ def connect(
         # context manager may only be left in the context (thread) that entered it.
         local = Client(local_cluster)
         stack.callback(local.close)
-        with dask.config.set({**EMBEDDED_LIFETIME_CONFIG, **method}):
+        with dask.config.set(EMBEDDED_LIFETIME_CONFIG):
             yield local
 
 
@@ -562,7 +565,7 @@ def _cuda_client(n_workers: int | None, memory_limit: str | float | None,
             # joins, after dask-cuda's own RMM set-up there: restarted ones too.
             cuda_client.register_plugin(RMMReinitializePlugin(
                 options["rmm_pool_size"], options["rmm_maximum_pool_size"], options["rmm_managed_memory"]))
-        with dask.config.set({**EMBEDDED_LIFETIME_CONFIG, **SPAWNED_WORKERS}):
+        with dask.config.set(EMBEDDED_LIFETIME_CONFIG):
             yield cuda_client
     finally:
         cuda_client.close()

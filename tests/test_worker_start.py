@@ -36,6 +36,24 @@ def test_workers_fork_from_a_server_that_has_their_modules():
     assert all(modules == list(_forkserver.WORKER_MODULES) for modules in loaded.values())
 
 
+def test_a_users_own_cluster_beside_an_embedded_one_starts_as_dask_starts_it(monkeypatch):
+    # The start method is process-wide Dask config: an embedded cluster that is running must not
+    # make the user's LocalCluster fork from hcs_dask's server (whose environment is not theirs).
+    from distributed import Client, LocalCluster
+
+    with connect(n_workers=1, threads_per_worker=1) as embedded:
+        [server] = _parents(embedded)
+        monkeypatch.setenv("HCS_DASK_TEST_VARIABLE", "mine")
+        with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0",
+                          host="127.0.0.1") as plain, Client(plain) as client:
+            assert _parents(client) == {os.getpid()}
+            assert _variable(client, "HCS_DASK_TEST_VARIABLE") == {"mine"}
+        # a worker restarted by its nanny is spawned too, with the client's environment
+        embedded.restart()
+        assert _parents(embedded) == {os.getpid()} != {server}
+        assert _variable(embedded, "HCS_DASK_TEST_VARIABLE") == {"mine"}
+
+
 def test_spawn_in_the_dask_config_starts_fresh_interpreters():
     with dask.config.set({"hcs-dask.worker-start": "spawn"}), connect(n_workers=1, threads_per_worker=1) as client:
         assert _parents(client) == {os.getpid()}  # the nanny, in this process, spawned it
@@ -52,14 +70,16 @@ def _variable(client, name: str) -> set:
     return set(client.run(os.getenv, name).values())
 
 
-def test_workers_see_the_environment_as_it_is_when_their_cluster_starts(monkeypatch):
+def test_workers_see_the_environment_as_it_is_when_their_cluster_starts(monkeypatch, tmp_path):
     monkeypatch.setenv("HCS_DASK_TEST_VARIABLE", "first")
     with connect(n_workers=1, threads_per_worker=1) as client:
         assert _variable(client, "HCS_DASK_TEST_VARIABLE") == {"first"}
         [server] = _parents(client)
     monkeypatch.setenv("HCS_DASK_TEST_VARIABLE", "second")
+    monkeypatch.chdir(tmp_path)
     with connect(n_workers=1, threads_per_worker=1) as client:  # nothing uses the server: started again
         assert _variable(client, "HCS_DASK_TEST_VARIABLE") == {"second"}
+        assert set(client.run(os.getcwd).values()) == {str(tmp_path)}
         [restarted] = _parents(client)
     monkeypatch.delenv("HCS_DASK_TEST_VARIABLE")
     with connect(n_workers=1, threads_per_worker=1) as client:
@@ -71,15 +91,19 @@ def test_workers_see_the_environment_as_it_is_when_their_cluster_starts(monkeypa
             assert _parents(again) == {kept}
 
 
-def test_a_cluster_beside_a_running_one_hands_its_workers_what_changed(monkeypatch):
+def test_a_cluster_beside_a_running_one_hands_its_workers_what_changed(monkeypatch, tmp_path):
     monkeypatch.setenv("HCS_DASK_TEST_REMOVED", "here")
     monkeypatch.delenv("HCS_DASK_TEST_ADDED", raising=False)
     with connect(n_workers=1, threads_per_worker=1) as first:
         [server] = _parents(first)
         monkeypatch.setenv("HCS_DASK_TEST_ADDED", "later")
         monkeypatch.delenv("HCS_DASK_TEST_REMOVED")
+        other = tmp_path / "elsewhere"
+        other.mkdir()
+        monkeypatch.chdir(other)
         with connect(n_workers=1, threads_per_worker=1) as second:  # the server is in use: kept
             assert _parents(second) == {server}
+            assert set(second.run(os.getcwd).values()) == {str(other)}
             assert _variable(second, "HCS_DASK_TEST_ADDED") == {"later"}
             assert _variable(second, "HCS_DASK_TEST_REMOVED") == {None}
             assert _variable(second, "HCS_DASK_UNSET_ENVIRON") == {None}
