@@ -90,11 +90,15 @@ def _worker_environ(pre_spawn: dict[str, Any]) -> dict[str, str]:
     """This process's environment with what a nanny writes into it before it starts a worker.
 
     The nanny's rule (``distributed.nanny.Nanny``): an entry set to ``None`` is left out, a
-    variable already exported keeps its value, and the hash seed is fixed unless one is set.
+    variable already exported keeps its value, and the hash seed is fixed unless one is set;
+    it also names this process as the workers' parent. ``tests/test_worker_start.py`` holds the
+    result equal to what the nannies leave, so that an unchanged environment keeps its server.
     """
     additions = {name: os.environ.get(name, str(value)) for name, value in pre_spawn.items() if value is not None}
     if additions.get("PYTHONHASHSEED") in (None, "0"):
         additions["PYTHONHASHSEED"] = "6640"
+    # And before that, for the workers' process titles (distributed.proctitle):
+    additions["__DASK_PARENT_PID"] = str(os.getpid())
     return {**os.environ, **additions}
 
 

@@ -71,24 +71,46 @@ def _variable(client, name: str) -> set:
 
 
 def test_workers_see_the_environment_as_it_is_when_their_cluster_starts(monkeypatch, tmp_path):
+    # Whether the server is started again or kept (another cluster of this test session may be
+    # using it), every cluster's workers see the environment and folder of its start.
     monkeypatch.setenv("HCS_DASK_TEST_VARIABLE", "first")
     with connect(n_workers=1, threads_per_worker=1) as client:
         assert _variable(client, "HCS_DASK_TEST_VARIABLE") == {"first"}
-        [server] = _parents(client)
     monkeypatch.setenv("HCS_DASK_TEST_VARIABLE", "second")
     monkeypatch.chdir(tmp_path)
-    with connect(n_workers=1, threads_per_worker=1) as client:  # nothing uses the server: started again
+    with connect(n_workers=1, threads_per_worker=1) as client:
         assert _variable(client, "HCS_DASK_TEST_VARIABLE") == {"second"}
         assert set(client.run(os.getcwd).values()) == {str(tmp_path)}
-        [restarted] = _parents(client)
     monkeypatch.delenv("HCS_DASK_TEST_VARIABLE")
     with connect(n_workers=1, threads_per_worker=1) as client:
         assert _variable(client, "HCS_DASK_TEST_VARIABLE") == {None}
-    assert len({server, restarted}) == 2 and not psutil.pid_exists(server)
-    with connect(n_workers=1, threads_per_worker=1) as client:  # the same environment: the same server
-        [kept] = _parents(client)
-        with connect(n_workers=1, threads_per_worker=1) as again:
-            assert _parents(again) == {kept}
+
+
+def test_an_unused_server_starts_again_when_the_environment_changed():
+    # In a fresh interpreter, where no other cluster uses the server.
+    code = (
+        "import json, os\n"
+        "from hcs_dask.cluster import connect\n"
+        "def parents():\n"
+        "    with connect(n_workers=1, threads_per_worker=1) as client:\n"
+        "        return sorted(set(client.run(os.getppid).values()))\n"
+        "first = parents()\n"
+        "same = parents()\n"
+        "os.environ['HCS_DASK_TEST_VARIABLE'] = 'changed'\n"
+        "changed = parents()\n"
+        "del os.environ['HCS_DASK_TEST_VARIABLE']\n"
+        "removed = parents()\n"
+        "import psutil\n"
+        "print(json.dumps({'first': first, 'same': same, 'changed': changed, 'removed': removed,\n"
+        "                  'first_alive': psutil.pid_exists(first[0])}))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_TRIM_THRESHOLD_", "HCS_DASK_TEST_VARIABLE")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["same"] == seen["first"]  # nothing changed: the same server
+    assert seen["changed"] != seen["first"] and seen["removed"] != seen["changed"]
+    assert not seen["first_alive"]  # the old server was stopped, not left behind
 
 
 def test_a_cluster_beside_a_running_one_hands_its_workers_what_changed(monkeypatch, tmp_path):
