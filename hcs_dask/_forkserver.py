@@ -128,7 +128,12 @@ def acquire(pre_spawn: dict[str, Any]) -> tuple[dict[str, str], Callable[[], Non
     this cluster's use of the server.
     """
     global _users
+    import distributed.utils
 
+    # distributed's first forkserver start (``distributed.utils.get_mp_context``) would import
+    # NumPy, pandas and lz4 in this process, on the event loop while the nannies start, only to
+    # give the server a preload list of its own: the server runs already, with WORKER_MODULES.
+    distributed.utils._forkserver_preload_set = True
     with _lock:
         environ = _worker_environ(pre_spawn)
         if _server_environ is None or (environ != _server_environ and _users == 0):
