@@ -106,7 +106,7 @@ def _start(environ: dict[str, str]) -> None:
     """(Re)start the server in ``environ``, which is written into ``os.environ`` as a nanny does."""
     global _server_environ
 
-    os.environ.update({name: value for name, value in environ.items() if os.environ.get(name) != value})
+    os.environ.update(environ)
     if _server_environ is not None:
         # ``_stop`` is the standard library's one way; where it is missing, the server is kept.
         stop = getattr(multiprocessing.forkserver._forkserver, "_stop", None)
@@ -147,15 +147,11 @@ def acquire(pre_spawn: dict[str, Any]) -> tuple[dict[str, str], Callable[[], Non
         if removed:
             changed[UNSET_VARIABLE] = json.dumps(removed)
 
-    released = threading.Event()
-
     def release() -> None:
         global _users
 
         with _lock:
-            if not released.is_set():
-                released.set()
-                _users -= 1
+            _users -= 1
 
     return changed, release
 

@@ -64,11 +64,6 @@ CUDA_WORKER_CONFIG = {
     "distributed.nanny.environ.XLA_PYTHON_CLIENT_PREALLOCATE": "false",
 }
 
-#: How the workers of ``connect(cluster="cuda")`` start: each a fresh interpreter (Dask's
-#: default), whatever ``hcs-dask.worker-start`` says: forked dask-cuda workers have not been run
-#: on a GPU yet. The embedded local cluster's are forked (:mod:`hcs_dask._forkserver`).
-SPAWNED_WORKERS = {"distributed.worker.multiprocessing-method": "spawn"}
-
 #: In force while an embedded cluster runs (read by its SpecCluster when a worker leaves):
 #: a worker whose nanny has not brought it back after ``lost-worker-timeout`` (Dask's
 #: default 15 s) is given up, nanny and all, and never replaced. Restarting a worker process
@@ -496,14 +491,14 @@ def connect(
         # of the whole process: it is set while the cluster is made, not while it runs, so that
         # a LocalCluster of the user's made meanwhile starts its workers as it would anyway. A
         # worker that its nanny restarts later is spawned.
-        method = {"distributed.worker.multiprocessing-method": _forkserver.start_method()}
-        if method["distributed.worker.multiprocessing-method"] == "forkserver":
+        start = _forkserver.start_method()
+        if start == "forkserver":
             with dask.config.set(EMBEDDED_SCHEDULER_CONFIG):
                 changed, release = _forkserver.acquire(dask.config.get("distributed.nanny.pre-spawn-environ"))
             stack.callback(release)
             if changed:
                 passed["env"] = {**changed, **(passed.get("env") or {})}
-        with dask.config.set({**EMBEDDED_SCHEDULER_CONFIG, **method}):
+        with dask.config.set({**EMBEDDED_SCHEDULER_CONFIG, "distributed.worker.multiprocessing-method": start}):
             local_cluster = LocalCluster(
                 n_workers=n_workers or available_cores(),
                 threads_per_worker=threads_per_worker,
@@ -538,7 +533,7 @@ def _cuda_client(n_workers: int | None, memory_limit: str | float | None,
                            f"({GPU_INSTALL_HINT})") from error
     drop_inherited_malloc_trim()
     # The nannies read both configs when they are made, here, and keep them for restarts.
-    with dask.config.set({**EMBEDDED_SCHEDULER_CONFIG, **CUDA_WORKER_CONFIG, **SPAWNED_WORKERS}):
+    with dask.config.set({**EMBEDDED_SCHEDULER_CONFIG, **CUDA_WORKER_CONFIG}):
         try:
             cuda_cluster = dask_cuda.LocalCUDACluster(
                 n_workers=n_workers,
