@@ -192,3 +192,26 @@ def test_mixed_depth_with_z_processed_sequentially(mixed: Path, tmp_path: Path, 
                                       zarr.open_array(str(together / "A" / "1" / field / "0"), mode="r")[:])
         attributes = zarr.open_group(str(one_by_one / "A" / "1" / field), mode="r").attrs.asdict()
         assert attributes["hcs_dask"] == {"channel_planes": [[0, 1, 2], [0, 1, 2], [0], [0]]}
+
+
+@pytest.mark.parametrize("shape, options", [((64, 48), {}), ((64, 48), {"compression": "zlib"}),
+                                             ((3, 64, 48), {"photometric": "minisblack"}), ((64, 48, 3), {"photometric": "rgb"})])
+def test_a_tiff_reads_as_imread_reads_it(tmp_path: Path, shape: tuple[int, ...], options: dict) -> None:
+    # The worker reads a one-page TIFF's page directly; anything else goes the way of imread.
+    import tifffile
+
+    from hcs_dask.formats._sources import read_tiff
+
+    data = np.random.default_rng(1).integers(0, 4000, shape, dtype=np.uint16)
+    path = tmp_path / "image.tif"
+    tifffile.imwrite(path, data, **options)
+    image = read_tiff(str(path))
+    np.testing.assert_array_equal(image, tifffile.imread(path))
+    np.testing.assert_array_equal(image, data)
+
+
+def test_a_damaged_tiff_names_its_path(tmp_path: Path) -> None:
+    (tmp_path / "A01_s1_w1.tif").write_bytes(b"II*\x00 truncated")
+    # tifffile.imread returns an empty array for this file.
+    with pytest.raises(OSError, match="A01_s1_w1.tif: cannot read image: ValueError: no readable TIFF page"):
+        list(read_sources("imagexpress", str(tmp_path), ["A01_s1_w1.tif"]))

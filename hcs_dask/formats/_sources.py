@@ -34,11 +34,29 @@ def zarr_source(array_path: str, indices: Iterable[int]) -> str:
     return f"{array_path}:{','.join(str(i) for i in indices)}"
 
 
+def read_tiff(path: str) -> np.ndarray:
+    """The image of a TIFF file: its one page, or (several pages) what ``tifffile.imread`` returns.
+
+    A plate's TIFFs hold one plane each. For them this reads the first page straight away,
+    skipping ``imread``'s series detection and its resolution of the path (a third of a
+    128 px plane's read, measured in ``bench/README.md``), from a file opened by Python.
+    A file with no readable page (one cut short, say) raises ``ValueError``; ``imread`` returns
+    an empty array for it.
+    """
+    with open(path, "rb") as handle, tifffile.TiffFile(handle) as tiff:
+        pages = len(tiff.pages)
+        if pages == 1:
+            return tiff.pages.first.asarray()
+        if pages == 0:
+            raise ValueError("no readable TIFF page (is the file cut short?)")
+        return tiff.asarray()
+
+
 def _read_tiffs(root: str, sources: Iterable[str]) -> Iterator[np.ndarray]:
     for source in sources:
         path = os.path.join(root, source)
         try:
-            image = tifffile.imread(path)
+            image = read_tiff(path)
         except Exception as error:  # tifffile raises many types for a damaged file
             raise ImageReadError(f"{path}: cannot read image: {type(error).__name__}: {error}") from None
         yield image

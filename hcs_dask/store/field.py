@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from functools import lru_cache
@@ -25,11 +24,17 @@ from zarr.core.sync import sync
 
 from hcs_dask.store._files import metadata_files, ome_format, write_file
 
-__all__ = ["CHUNK_YX", "FieldLayout", "FieldWriter", "WRITE_BATCH_BYTES", "downsample", "pyramid_levels",
+__all__ = ["CHUNK_KEY_ENCODING", "CHUNK_YX", "FieldLayout", "FieldWriter", "WRITE_BATCH_BYTES", "downsample", "pyramid_levels",
            "write_fields"]
 
 #: Chunk edge in y and x; a field level is one shard holding these chunks.
 CHUNK_YX = 256
+
+#: A level's shard is the file ``c.0.0.0.0`` beside its ``zarr.json``: zarr v3's default chunk key
+#: encoding with ``"."``, which every zarr v3 reader takes from the array's metadata. With ``"/"``
+#: the key would be a folder per axis (``c/0/0/0/0``): four or five more folders to make, and to
+#: flush, per field.
+CHUNK_KEY_ENCODING = {"name": "default", "separator": "."}
 
 
 def pyramid_levels(shape_yx: Sequence[int], *, chunk: int = CHUNK_YX, min_size: int = 32) -> int:
@@ -121,7 +126,7 @@ class FieldWriter:
                 (folder / key).parent.mkdir(exist_ok=True)
                 write_file(folder / key, data)
         if write_group:
-            write_file(folder / "zarr.json", json.dumps(group, indent=2).encode())
+            write_file(folder / "zarr.json", json.dumps(group).encode())
         store = zarr.storage.LocalStore(self.output)
         # The arrays are opened from the metadata in hand, not read back from disk.
         self._arrays = [
@@ -157,7 +162,7 @@ class FieldWriter:
             entry["window"] = {"start": low, "end": high,
                                "min": int(limits.min) if limits is not None else low,
                                "max": int(limits.max) if limits is not None else high}
-        write_file(self.output / self.path / "zarr.json", json.dumps(self._group, indent=2).encode())
+        write_file(self.output / self.path / "zarr.json", json.dumps(self._group).encode())
 
 
 #: Bytes of field data that :func:`write_fields` callers gather before a call (a well's small
@@ -199,9 +204,8 @@ def _write_whole(whole: Sequence[tuple[FieldWriter, zarr.Array, np.ndarray]]) ->
     for (writer, array, _), shard in zip(whole, shards):
         if shard is None:  # every chunk is the fill value: zarr writes no shard either
             continue
-        path = writer.output / array.path / array.metadata.encode_chunk_key((0,) * array.ndim)
-        os.makedirs(path.parent, exist_ok=True)
-        write_file(path, shard)
+        # The level's folder exists (its zarr.json) and the key has no "/" (CHUNK_KEY_ENCODING).
+        write_file(writer.output / array.path / array.metadata.encode_chunk_key((0,) * array.ndim), shard)
 
 
 async def _encode_whole(levels: Sequence[tuple[zarr.Array, np.ndarray]]) -> list[bytes | None]:
@@ -247,6 +251,7 @@ def _field_template(layout: FieldLayout) -> tuple[dict[str, bytes], tuple[Any, .
                 shards=(*lead, -(-y // chunk_y) * chunk_y, -(-x // chunk_x) * chunk_x),
                 dimension_names=layout.axes,
                 fill_value=0,
+                chunk_key_encoding=CHUNK_KEY_ENCODING,
             ))
             datasets.append({"path": str(level), "coordinateTransformations": [
                 {"type": "scale", "scale": _scale(layout, level)}]})
