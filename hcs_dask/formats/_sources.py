@@ -38,8 +38,8 @@ def read_tiff(path: str) -> np.ndarray:
     """The image of a TIFF file: its one page, or (several pages) what ``tifffile.imread`` returns.
 
     A plate's TIFFs hold one plane each. For them this reads the first page straight away,
-    skipping ``imread``'s series detection and its resolution of the path (a third of a
-    128 px plane's read, measured in ``bench/README.md``), from a file opened by Python.
+    skipping ``imread``'s series detection and its resolution of the path (a third or more of a
+    128 px plane's read; ``bench/README.md``), from a file opened by Python.
     A file with no readable page (one cut short, say) raises ``ValueError``; ``imread`` returns
     an empty array for it.
     """
