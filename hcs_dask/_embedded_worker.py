@@ -6,7 +6,8 @@ and print ``KeyboardInterrupt`` tracebacks from inside the wells. The run's clie
 cancels the run cleanly instead; the workers ignore SIGINT and end when their cluster
 is closed.
 
-Each worker also imports the well task's modules (zarr, ome-zarr, the readers) as it starts,
+Each worker also imports the well task's modules (``_forkserver.WORKER_MODULES``: zarr, ome-zarr,
+the readers, the built-in steps) as it starts,
 while the client scans and compiles the plate, instead of in its first well (a worker forked
 from :mod:`hcs_dask._forkserver`'s server has them already), and removes the environment
 variables that its server has but the client no longer has.
@@ -27,8 +28,8 @@ __all__ = ["dask_setup"]
 
 def dask_setup(worker: Any) -> None:
     """Ignore SIGINT in this worker process, remove the variables its nanny names under
-    :data:`~hcs_dask._environ.UNSET_VARIABLE`, and import :mod:`hcs_dask.guard` and ome-zarr's
-    writer (runs in its main thread, before it takes tasks)."""
+    :data:`~hcs_dask._environ.UNSET_VARIABLE`, and import what its wells will (runs in its main
+    thread, before it takes tasks; a forked worker has them from its server already)."""
     try:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
     except ValueError:  # not the main thread: nothing can be done here
@@ -36,5 +37,7 @@ def dask_setup(worker: Any) -> None:
     unset = os.environ.pop(UNSET_VARIABLE, None)
     for name in json.loads(unset) if unset else ():
         os.environ.pop(name, None)
-    importlib.import_module("hcs_dask.guard")
-    importlib.import_module("ome_zarr.writer")  # the field metadata's, which the store imports where used
+    from hcs_dask._forkserver import WORKER_MODULES
+
+    for module in WORKER_MODULES:
+        importlib.import_module(module)

@@ -47,14 +47,17 @@ from hcs_dask._environ import EMBEDDED_PRE_SPAWN_ENVIRON, UNSET_VARIABLE, drop_i
 __all__ = ["START_METHODS", "WORKER_MODULES", "acquire", "prestart", "start_method"]
 
 #: Imported by the server before it forks a worker: what every embedded worker imports before
-#: its first well (Dask's worker, NumPy, the readers' and the store's libraries, the well's guard).
+#: its first well (Dask's worker, NumPy, the readers' and the store's libraries, the well's guard,
+#: the built-in steps and the SciPy module of their NumPy backend, which the client does not import).
 WORKER_MODULES = (
     "distributed",
     "numpy",
     "tifffile",
     "zarr",
     "ome_zarr.writer",
+    "scipy.ndimage",
     "hcs_dask.guard",
+    "hcs_dask.steps",
     "hcs_dask._embedded_worker",
 )
 

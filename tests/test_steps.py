@@ -115,6 +115,42 @@ class TestDispatch:
         done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
 
+    def test_loading_a_pipeline_of_the_steps_imports_no_scipy_until_an_array_arrives(self):
+        # A client loads the pipeline file; only the worker that runs a step needs SciPy.
+        code = (
+            "import sys\n"
+            "from hcs_dask.pipeline import load_pipeline\n"
+            "load_pipeline('nuclei_count')\n"
+            "assert 'scipy' not in sys.modules, 'scipy imported by the pipeline'\n"
+            "import numpy as np, hcs_dask.steps\n"
+            "hcs_dask.steps.smooth(np.zeros((8, 8)))\n"
+            "assert 'scipy.ndimage' in sys.modules\n"
+        )
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+
+    def test_the_first_arrays_of_many_threads_at_once_all_get_the_numpy_backend(self):
+        # The NumPy backend is registered by the first array: a worker with several threads
+        # starts several wells at once, and none may find the type unregistered meanwhile.
+        import threading
+
+        for _ in range(20):
+            local = make_backend_dispatch()
+            start = threading.Barrier(8)
+            names: list[str] = []
+
+            def first_array() -> None:
+                start.wait()
+                names.append(local(np.zeros(2)).name)
+
+            threads = [threading.Thread(target=first_array) for _ in range(8)]
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            assert names == ["numpy"] * 8
+
     @pytest.mark.parametrize("function", [subtract_background, max_projection, percentile_normalize,
                                           smooth, segment_nuclei, count_nuclei])
     def test_unsupported_array_types_are_a_type_error_naming_the_function(self, function):

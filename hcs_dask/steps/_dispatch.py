@@ -3,9 +3,10 @@
 The steps are written once against a small :class:`ArrayBackend` (an array module
 ``xp``, an ``ndimage`` module and a watershed), and :data:`array_backend` picks the
 backend for an array the way dask-image picks its filters: a
-:class:`dask.utils.Dispatch` with NumPy registered eagerly and CuPy registered
-lazily, so that importing hcs_dask never imports CuPy. The CuPy backend is built
-the first time a CuPy array arrives, when CuPy is by definition already imported.
+:class:`dask.utils.Dispatch` with both NumPy and CuPy registered lazily, so that
+importing the steps (a client loading a pipeline file) imports neither CuPy nor
+SciPy (``scipy.ndimage``: about 0.3 s). Each backend is built the first time an
+array of its library arrives, when that library is by definition imported.
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from types import ModuleType
 from typing import Any
 
 import numpy as np
-import scipy.ndimage
 from dask.utils import Dispatch
 
 __all__ = ["ArrayBackend", "array_backend", "backend_for", "make_backend_dispatch", "propagate_markers"]
@@ -80,7 +80,7 @@ def propagate_markers(backend: ArrayBackend, distance: Any, markers: Any, mask: 
 
 
 def make_backend_dispatch() -> Dispatch:
-    """A fresh dispatcher: NumPy registered, CuPy registered lazily.
+    """A fresh dispatcher: NumPy and CuPy registered lazily (on their first array).
 
     The package uses one instance, :data:`array_backend`; tests and extensions can
     build their own and register further array types on it without touching the
@@ -99,10 +99,17 @@ def make_backend_dispatch() -> Dispatch:
     'numpy'
     """
     dispatch = Dispatch(name="array_backend")
-    numpy_backend = ArrayBackend("numpy", np, scipy.ndimage, _skimage_watershed)
 
-    def numpy_array(array: np.ndarray) -> ArrayBackend:
-        return numpy_backend
+    def register_numpy() -> None:
+        # Runs once, when the first NumPy array arrives: SciPy is imported then, not with the steps.
+        import scipy.ndimage
+
+        numpy_backend = ArrayBackend("numpy", np, scipy.ndimage, _skimage_watershed)
+
+        def numpy_array(array: np.ndarray) -> ArrayBackend:
+            return numpy_backend
+
+        dispatch.register(np.ndarray, numpy_array)
 
     def register_cupy() -> None:
         # Runs once, when the first array of a type from the module "cupy" arrives.
@@ -119,7 +126,7 @@ def make_backend_dispatch() -> Dispatch:
 
         dispatch.register(cupy.ndarray, cupy_array)
 
-    dispatch.register(np.ndarray, numpy_array)
+    dispatch.register_lazy("numpy", register_numpy)
     dispatch.register_lazy("cupy", register_cupy)
     return dispatch
 
