@@ -26,6 +26,7 @@ submission's, never an earlier run's record.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import queue
@@ -475,7 +476,12 @@ class _Driver:
 
     def _loop(self) -> None:
         self._fill()
-        import hcs_dask.tables  # noqa: F401  (pandas for the result's tables, imported while the first wells run)
+        # pandas, for the result's tables, imported while the first wells run: on a thread of its
+        # own, since the 0.6-0.8 s import on this one kept the next wells from being placed (a
+        # 1-worker run's worker stood idle 0.44 s after its second well). The tables' own import
+        # at the end waits for this one where it is not done yet (Python's import lock).
+        threading.Thread(target=importlib.import_module, args=("hcs_dask.tables",), daemon=True,
+                         name="hcs-dask-import-tables").start()
         last_refresh = last_progress = time.monotonic()
         while self.inflight or self.pending or self.suspects:
             try:
