@@ -264,7 +264,9 @@ def submit_plate(
             facts = check_cluster_ready(active, pipeline=pipeline, output=graph.output)
             logger.info("plate %s: %s", plate.name, facts.assumes())
         if layout is not None:
-            layout.publish()
+            # An overwritten store is removed while the wells run; the run ends after it is gone.
+            layout.publish(background=True)
+            owned.callback(layout.wait)
         driver = _Driver(graph, active, policy, blob, owned)
     except BaseException:
         if layout is not None:

@@ -17,6 +17,7 @@ import pytest
 import zarr
 
 import hcs_dask.store._files
+import hcs_dask.store.layout
 from hcs_dask import load_pipeline, open_plate, run_plate
 from hcs_dask.plate import ImageKey, Plate, Well, row_name
 from hcs_dask.store import FieldLayout, FieldWriter, Manifest, commit_well, create_plate_layout, reset_well
@@ -225,6 +226,42 @@ def test_overwrite_keeps_the_old_store_until_the_new_layout_is_complete(tmp_path
     _assert_complete(output, plate_of(32, 48))
     assert not (output / "A" / "1" / "0").exists()
     assert Manifest(output).read_wells() == {}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_store_replaced_in_the_background_is_gone_once_waited_for(tmp_path, monkeypatch):
+    from hcs_dask.store import prepare_plate_layout
+
+    output = tmp_path / "old.ome.zarr"
+    _old_store(output)
+    release, removing = __import__("threading").Event(), []
+    real_rmtree = hcs_dask.store.layout.shutil.rmtree
+
+    def slow_rmtree(path, *args, **kwargs):  # the removal waits, so the new store is seen beside it
+        removing.append(Path(path))
+        release.wait(30)
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(hcs_dask.store.layout.shutil, "rmtree", slow_rmtree)
+    layout = prepare_plate_layout(output, plate_of(32, 48), overwrite=True, run_info=RUN_INFO)
+    assert layout.publish(background=True) == output
+    _assert_complete(output, plate_of(32, 48))  # the new store is in place while the old one goes
+    assert removing == [tmp_path / f".old.ome.zarr.replaced-{os.getpid()}"]
+    release.set()
+    layout.wait()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_run_that_overwrites_a_store_ends_with_the_old_one_removed(tmp_path):
+    from hcs_dask.formats import write_synthetic_plate
+
+    plate = write_synthetic_plate(tmp_path / "plate", wells=2, sites=1, channels=1, z=1, size=32, seed=0)
+    output = tmp_path / "out.ome.zarr"
+    _old_store(output)
+    result = run_plate(open_plate(plate), load_pipeline("nuclei_count"), output, n_workers=1, overwrite=True,
+                       progress=False)
+    assert result.ok
+    assert sorted(Manifest(output).read_wells()) == ["A01", "A02"]
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 

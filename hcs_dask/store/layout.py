@@ -8,14 +8,18 @@ crash mid-layout leaves no plate at all rather than one that lists wells it lack
 from __future__ import annotations
 
 import glob
+import logging
 import os
 import shutil
+import threading
 from pathlib import Path
 
 from hcs_dask.plate import Plate
 from hcs_dask.store._files import fsync_path, fsync_paths, metadata_files, ome_format, write_files
 from hcs_dask.store.commit import well_document
 from hcs_dask.store.manifest import Manifest
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["OutputError", "PreparedLayout", "check_output", "create_plate_layout", "measurements_path",
            "prepare_plate_layout"]
@@ -113,9 +117,16 @@ class PreparedLayout:
         self.output = output
         self.building = building
         self.overwrite = overwrite
+        self._removing: threading.Thread | None = None
 
-    def publish(self) -> Path:
-        """Rename the layout to its output (atomically; the parent folder flushed after); returns it."""
+    def publish(self, *, background: bool = False) -> Path:
+        """Rename the layout to its output (atomically; the parent folder flushed after); returns it.
+
+        The store it replaces is renamed aside first, then removed: here, or with ``background``
+        on a thread of its own, which :meth:`wait` joins (a 96-well store of 4 fields a well is
+        2,000 files: 0.65 s here; a 1536-well one, seconds more before the first well). A process
+        killed meanwhile leaves the renamed store, which the next publish of this output removes.
+        """
         output, building = self.output, self.building
         replaced = _sibling(output, "replaced", os.getpid()) if output.exists() else None
         if replaced is not None and not self.overwrite:
@@ -137,9 +148,19 @@ class PreparedLayout:
             raise
         fsync_path(output.parent)
         if replaced is not None:
-            shutil.rmtree(replaced)
+            if background:
+                self._removing = threading.Thread(target=_remove_replaced, args=(replaced,), daemon=True,
+                                                  name="hcs-dask-remove-replaced")
+                self._removing.start()
+            else:
+                shutil.rmtree(replaced)
         _remove_leftovers(output)
         return output
+
+    def wait(self) -> None:
+        """Return once the store that :meth:`publish` replaced in the background is removed."""
+        if self._removing is not None:
+            self._removing.join()
 
     def discard(self) -> None:
         """Remove the prepared layout; the output is left as it was."""
@@ -197,6 +218,13 @@ def prepare_plate_layout(output: str | Path, plate: Plate, *, overwrite: bool = 
         shutil.rmtree(building, ignore_errors=True)
         raise
     return PreparedLayout(output, building, overwrite)
+
+
+def _remove_replaced(path: Path) -> None:
+    try:
+        shutil.rmtree(path)
+    except OSError as error:
+        logger.warning("%s: the store this run replaced could not be removed: %s", path, error)
 
 
 def _remove_leftovers(output: Path) -> None:
