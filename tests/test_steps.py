@@ -59,6 +59,13 @@ def _import_graph(name: str) -> types.ModuleType:
     return module
 
 
+def _run_fresh(code: str) -> None:
+    """Run ``code`` in a fresh interpreter that imports this checkout's hcs_dask; it must succeed."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
 # ------------------------------------------------------------------ dispatch
 class TestDispatch:
     def test_numpy_and_its_subclasses_get_the_numpy_backend(self):
@@ -111,9 +118,7 @@ class TestDispatch:
             "loaded = sorted(m for m in ('cupy', 'cupyx', 'cucim', 'torch') if m in sys.modules)\n"
             "assert not loaded, loaded\n"
         )
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr
+        _run_fresh(code)
 
     def test_loading_a_pipeline_of_the_steps_imports_no_scipy_until_an_array_arrives(self):
         # A client loads the pipeline file; only the worker that runs a step needs SciPy.
@@ -126,9 +131,7 @@ class TestDispatch:
             "hcs_dask.steps.smooth(np.zeros((8, 8)))\n"
             "assert 'scipy.ndimage' in sys.modules\n"
         )
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
-        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr
+        _run_fresh(code)
 
     def test_the_first_arrays_of_many_threads_at_once_all_get_the_numpy_backend(self):
         # The NumPy backend is registered by the first array: a worker with several threads
