@@ -14,8 +14,8 @@ spent outside the pipeline (``bench/io.py``, ``bench/scaling.py``).
 
 from hcs_dask.store._files import ome_format
 from hcs_dask.store.commit import commit_well, reset_well
-from hcs_dask.store.field import (CHUNK_KEY_ENCODING, CHUNK_YX, WRITE_BATCH_BYTES, FieldLayout, FieldWriter, downsample,
-                                  pyramid_levels, write_fields)
+from hcs_dask.store.field import (CHUNK_KEY_ENCODING, CHUNK_YX, WRITE_BATCH_BYTES, FieldLayout, FieldWriter,
+                                  downsample, pyramid_levels, write_fields)
 from hcs_dask.store.layout import (OutputError, PreparedLayout, check_output, create_plate_layout, measurements_path,
                                    prepare_plate_layout)
 from hcs_dask.store.manifest import Manifest

@@ -24,8 +24,8 @@ from zarr.core.sync import sync
 
 from hcs_dask.store._files import metadata_files, ome_format, write_file
 
-__all__ = ["CHUNK_KEY_ENCODING", "CHUNK_YX", "FieldLayout", "FieldWriter", "WRITE_BATCH_BYTES", "downsample", "pyramid_levels",
-           "write_fields"]
+__all__ = ["CHUNK_KEY_ENCODING", "CHUNK_YX", "FieldLayout", "FieldWriter", "WRITE_BATCH_BYTES", "downsample",
+           "pyramid_levels", "write_fields"]
 
 #: Chunk edge in y and x; a field level is one shard holding these chunks.
 CHUNK_YX = 256
