@@ -32,17 +32,26 @@ ANCHOR = PlateSpec(wells=96, sites=4, channels=2, z=3, size=128)
 TARGET_MS = 5.0
 
 
-def run_wells(plate, output: Path, *, fsync: bool) -> float:
-    """Compile (with layout) outside the clock, then run every well; returns the seconds of the wells."""
+def run_wells(plate, output: Path, *, fsync: bool) -> tuple[float, float]:
+    """Compile (with layout) outside the clocks, then run every well; returns their seconds and CPU seconds."""
     pipeline = anchor_pipeline()
     graph = compile_plate(plate, pipeline, output, overwrite=True, fsync=fsync)
     blob = cloudpickle.dumps(pipeline)
-    start = time.perf_counter()
-    for plan in graph.plans:
-        result = run_well(plan, blob, 1, "bench-1")
-        if not result.ok:
-            raise SystemExit(f"well {plan.well.name} failed: {result.error}")
-    return time.perf_counter() - start
+
+    def wells() -> None:
+        for plan in graph.plans:
+            result = run_well(plan, blob, 1, "bench-1")
+            if not result.ok:
+                raise SystemExit(f"well {plan.well.name} failed: {result.error}")
+
+    return timed(wells)
+
+
+def timed(work) -> tuple[float, float]:
+    """Seconds and process CPU seconds of ``work()``."""
+    start, cpu = time.perf_counter(), time.process_time()
+    work()
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def main() -> None:
@@ -62,7 +71,7 @@ def main() -> None:
         index = {well: sites for well, sites in scan_plate(folder).items() if well in wells}
         n = len(index)
         variants = {
-            "bare": lambda: _timed(lambda: bare_loop(index, workdir / "bare.zarr")),
+            "bare": lambda: timed(lambda: bare_loop(index, workdir / "bare.zarr")),
             "run_well": lambda: run_wells(plate, workdir / "task.ome.zarr", fsync=True),
             "run_well, no fsync": lambda: run_wells(plate, workdir / "task-nofsync.ome.zarr", fsync=False),
         }
@@ -72,9 +81,9 @@ def main() -> None:
             run_wells(plate, workdir / "warm.ome.zarr", fsync=True)  # imports and caches, outside the clock
             for repeat in range(repeats):
                 for name, variant in variants.items():
-                    started = time.process_time()
-                    seconds[name].append(variant())
-                    cpu[name].append(time.process_time() - started)
+                    wall, used = variant()
+                    seconds[name].append(wall)
+                    cpu[name].append(used)
                     print(f"  repeat {repeat + 1}: {name:20} {seconds[name][-1]:6.2f} s", flush=True)
         for path in ("bare.zarr", "task.ome.zarr", "task-nofsync.ome.zarr", "warm.ome.zarr"):
             shutil.rmtree(workdir / path, ignore_errors=True)
@@ -93,12 +102,6 @@ def main() -> None:
     load.report()
     note("a Dask worker adds its event loop, the task's transitions and the client's round trip: "
          "bench/throughput.py measures those")
-
-
-def _timed(work) -> float:
-    start = time.perf_counter()
-    work()
-    return time.perf_counter() - start
 
 
 if __name__ == "__main__":
