@@ -11,12 +11,13 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import pytest
 
 import hcs_dask
 
-HEAVY = ("dask", "distributed", "zarr", "ome_zarr", "pandas", "matplotlib", "scipy", "tifffile", "numpy")
+HEAVY = ("dask", "distributed", "zarr", "ome_zarr", "ome_zarr_models", "pydantic", "pandas", "matplotlib", "scipy", "tifffile", "numpy")
 
 
 def _fresh(code: str, **environ: str) -> dict:
@@ -83,3 +84,53 @@ def test_the_console_script_leaves_the_exit_to_python_while_another_thread_runs(
     done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.splitlines()[-1] == "thread finished"
+
+
+def test_a_run_builds_its_ngff_metadata_without_ome_zarr(synthetic_plate, tmp_path):
+    # The store's documents come from ome-zarr-models (hcs_dask.store._ngff): ome-zarr would
+    # import Dask's arrays and scikit-image, about 1 s, in the client and in every worker's server.
+    code = (
+        "import json, sys\n"
+        "from hcs_dask import open_plate, run_plate\n"
+        "from hcs_dask.cluster import connect\n"
+        "from hcs_dask.pipeline import load_pipeline\n"
+        "with connect(n_workers=1) as client:\n"
+        f"    result = run_plate(open_plate({str(synthetic_plate)!r}), load_pipeline('max_projection'),\n"
+        f"                       {str(tmp_path / 'out.ome.zarr')!r}, client=client)\n"
+        "    workers = list(client.run(lambda: sorted(m for m in ('ome_zarr', 'ome_zarr_models') if m in sys.modules))\n"
+        "                   .values())\n"
+        "print(json.dumps({'ok': result.counts().get('ok'), 'client': sorted(m for m in ('ome_zarr', 'ome_zarr_models')\n"
+        "                  if m in sys.modules), 'workers': workers}))\n"
+    )
+    assert _fresh(code) == {"ok": 4, "client": ["ome_zarr_models"], "workers": [["ome_zarr_models"]]}
+
+
+def test_the_console_script_skips_the_teardown_after_a_run_that_flushed_files(synthetic_plate, tmp_path):
+    # The store's flushes leave idle, non-daemon pool threads behind; they must not force
+    # Python's own exit (0.65 s of module teardown after a 96-well run on 2 cores).
+    # threading._register_atexit callbacks run only in that teardown, not in atexit's.
+    out = tmp_path / "out.ome.zarr"
+    program = ("import sys, threading\n"
+               "threading._register_atexit(lambda: print('python teardown', file=sys.stderr))\n"
+               f"sys.argv = ['hcs-dask', 'run', 'max_projection', {str(synthetic_plate)!r}, '-o', {str(out)!r},\n"
+               "            '--workers', '1']\n"
+               "from hcs_dask.cli import entry\nentry()\n")
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "4 ok" in done.stdout, done.stdout
+    assert "python teardown" not in done.stderr
+
+
+def test_the_store_flushers_end_and_start_again(tmp_path):
+    from hcs_dask.store._files import fsync_paths, stop_flushers
+
+    def flushers() -> list[str]:
+        return [t.name for t in threading.enumerate() if t.name.startswith("hcs-dask-fsync")]
+
+    (tmp_path / "a").write_bytes(b"a")
+    fsync_paths([tmp_path / "a", tmp_path])
+    assert flushers()
+    stop_flushers()
+    assert flushers() == []
+    fsync_paths([tmp_path / "a"])  # a later flush starts new threads
+    assert flushers()

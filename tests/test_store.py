@@ -15,6 +15,7 @@ import pytest
 import zarr
 
 import hcs_dask
+from ome_zarr.format import FormatV05
 from ome_zarr.writer import write_multiscales_metadata, write_plate_metadata, write_well_metadata
 
 from hcs_dask.plate import ImageKey, Plate, Well
@@ -23,7 +24,6 @@ from hcs_dask.store import (
     FieldWriter,
     commit_well,
     create_plate_layout,
-    ome_format,
     reset_well,
 )
 
@@ -56,7 +56,7 @@ def test_a_field_means_what_zarr_and_ome_zarr_write_themselves(tmp_path):
                            fill_value=0, chunk_key_encoding={"name": "default", "separator": "."})
         datasets.append({"path": str(level), "coordinateTransformations": [
             {"type": "scale", "scale": [1.0, 2.0, 0.65 * 2**level, 0.65 * 2**level]}]})
-    write_multiscales_metadata(group, datasets, fmt=ome_format(), axes=list(LAYOUT.axes),
+    write_multiscales_metadata(group, datasets, fmt=FormatV05(), axes=list(LAYOUT.axes),
                                axes_units={"z": "micrometer", "y": "micrometer", "x": "micrometer"}, name="B/3/1",
                                metadata={"omero": {"channels": [
                                    {"label": "DAPI", "color": "0000FF", "active": True, "window": {
@@ -92,9 +92,9 @@ def test_plate_layout_means_what_ome_zarr_writes_and_validates(tmp_path):
 
     reference = zarr.open_group(zarr.storage.LocalStore(tmp_path / "reference.ome.zarr"), mode="w", zarr_format=3)
     write_plate_metadata(reference, rows=["A", "C"], columns=["1", "2", "5"], wells=["A/1", "A/2", "C/5"],
-                         fmt=ome_format(), field_count=2, name="P1")
+                         fmt=FormatV05(), field_count=2, name="P1")
     for well in ("A/1", "A/2", "C/5"):
-        write_well_metadata(reference.require_group(well), [], fmt=ome_format())
+        write_well_metadata(reference.require_group(well), [], fmt=FormatV05())
 
     assert _documents(ours) == _documents(tmp_path / "reference.ome.zarr")
     assert type(ome_zarr_models.open_ome_zarr(ours)).__name__ == "HCS"

@@ -176,3 +176,33 @@ def test_the_command_line_refuses_a_bad_start_method(tmp_path):
     assert done.returncode == 2
     assert "hcs-dask.worker-start is 'threads'" in done.stderr
     assert not (tmp_path / "demo").exists()
+
+
+def test_the_fork_server_ends_without_the_interpreters_teardown(tmp_path):
+    # The server ends when its client has gone; a teardown of its modules (0.5-0.6 s on 2 cores)
+    # would hold the client's stdout and stderr open that long. A module preloaded into the server
+    # keeps an object whose finalizer runs only in that teardown, when the modules are freed.
+    (tmp_path / "teardown_probe.py").write_text(
+        "import os\n"
+        "class Probe:\n"
+        "    def __del__(self):\n"
+        "        os.write(2, b'server teardown\\n')\n"
+        "probe = Probe()\n")
+    program = (
+        "from hcs_dask import _forkserver\n"
+        "_forkserver.WORKER_MODULES = ('teardown_probe', *_forkserver.WORKER_MODULES)\n"
+        "from hcs_dask.cluster import connect\n"
+        "with connect(n_workers=1) as client:\n"
+        "    print(*client.run(lambda: __import__('sys').modules.__contains__('teardown_probe')).values())\n"
+    )
+    # The server imports its preload with its own sys.path (Python 3.11 ignores the client's there).
+    environ = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.getenv("PYTHONPATH")]))}
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, timeout=300, env=environ)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["True"]
+    assert "server teardown" not in done.stderr
+
+
+def test_only_the_server_itself_exits_early():
+    assert not _forkserver._in_the_server()  # this process is no fork server
+    assert _forkserver._exit_without_teardown(os.getpid() + 1) is None  # a fork of the server: no exit

@@ -12,7 +12,6 @@ zarr's async round-trips, which on a 1536-well plate or a 4-field well is most o
 spent outside the pipeline (``bench/io.py``, ``bench/scaling.py``).
 """
 
-from hcs_dask.store._files import ome_format
 from hcs_dask.store.commit import commit_well, reset_well
 from hcs_dask.store.field import (CHUNK_KEY_ENCODING, CHUNK_YX, WRITE_BATCH_BYTES, FieldLayout, FieldWriter,
                                   downsample, pyramid_levels, write_fields)
@@ -34,7 +33,6 @@ __all__ = [
     "create_plate_layout",
     "downsample",
     "measurements_path",
-    "ome_format",
     "prepare_plate_layout",
     "pyramid_levels",
     "reset_well",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from functools import lru_cache
 from pathlib import Path
@@ -11,16 +12,8 @@ from typing import Any, Callable, Iterable
 
 import zarr
 
-__all__ = ["fsync_path", "fsync_paths", "group_document", "metadata_files", "ome_format", "write_file",
+__all__ = ["fsync_path", "fsync_paths", "group_document", "metadata_files", "stop_flushers", "write_file",
            "write_files"]
-
-
-@lru_cache(maxsize=1)
-def ome_format() -> Any:
-    """The NGFF format this store writes (0.5), from ome-zarr, which is imported (Dask with it) on first use."""
-    from ome_zarr.format import FormatV05
-
-    return FormatV05()
 
 
 def metadata_files(build: Callable[[zarr.Group], Any]) -> dict[str, bytes]:
@@ -78,16 +71,39 @@ def fsync_path(path: str | Path) -> None:
 
 
 #: fsync waits on the disk, not the CPU: a few threads flush many small files together.
-_FLUSHERS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hcs-dask-fsync")
+_flushers_pool: ThreadPoolExecutor | None = None
+_flushers_lock = threading.Lock()
+
+
+def _flushers() -> ThreadPoolExecutor:
+    global _flushers_pool
+    with _flushers_lock:
+        if _flushers_pool is None:
+            _flushers_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hcs-dask-fsync")
+        return _flushers_pool
+
+
+def stop_flushers() -> None:
+    """End the threads that flush and write files; the next :func:`fsync_paths` starts new ones.
+
+    Every call that used them has returned by then, so they are idle and end at once. The
+    console script calls this before it exits without the interpreter's teardown, which it
+    does only where no thread but daemon ones is left (``hcs_dask.cli.entry``).
+    """
+    global _flushers_pool
+    with _flushers_lock:
+        pool, _flushers_pool = _flushers_pool, None
+    if pool is not None:
+        pool.shutdown(wait=True)
 
 
 def fsync_paths(paths: Iterable[str | Path]) -> None:
     """:func:`fsync_path` on every path, a few at a time; returns when all are on disk."""
-    for _ in _FLUSHERS.map(fsync_path, paths):
+    for _ in _flushers().map(fsync_path, paths):
         pass
 
 
 def write_files(files: dict[Path, bytes], *, durable: bool = False) -> None:
     """:func:`write_file` (not atomic) for every path, a few at a time; ``durable``: each one flushed."""
-    for _ in _FLUSHERS.map(lambda item: write_file(item[0], item[1], durable=durable), files.items()):
+    for _ in _flushers().map(lambda item: write_file(item[0], item[1], durable=durable), files.items()):
         pass

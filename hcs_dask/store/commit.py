@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
-from hcs_dask.store._files import fsync_paths, metadata_files, ome_format, write_file
+from hcs_dask.store._files import fsync_paths, metadata_files, write_file
 
 __all__ = ["commit_well", "reset_well", "well_document"]
 
@@ -27,10 +27,9 @@ def well_document(fields: tuple[int, ...]) -> bytes:
     >>> json.loads(well_document((0, 1)))["attributes"]["ome"]["well"]["images"]
     [{'path': '0'}, {'path': '1'}]
     """
-    images = [{"path": str(f)} for f in fields]
-    from ome_zarr.writer import write_well_metadata
+    from hcs_dask.store._ngff import well_attributes  # ome-zarr-models (pydantic) where it is used
 
-    return metadata_files(lambda group: write_well_metadata(group, images, fmt=ome_format()))["zarr.json"]
+    return metadata_files(lambda group: group.attrs.put({"ome": well_attributes(fields)}))["zarr.json"]
 
 
 def _listed_images(folder: Path) -> list:

@@ -22,7 +22,7 @@ import zarr
 from zarr.buffer import default_buffer_prototype
 from zarr.core.sync import sync
 
-from hcs_dask.store._files import metadata_files, ome_format, write_file
+from hcs_dask.store._files import metadata_files, write_file
 
 __all__ = ["CHUNK_KEY_ENCODING", "CHUNK_YX", "FieldLayout", "FieldWriter", "WRITE_BATCH_BYTES", "downsample",
            "pyramid_levels", "write_fields"]
@@ -235,7 +235,6 @@ def _field_template(layout: FieldLayout) -> tuple[dict[str, bytes], tuple[Any, .
     arrays = []
 
     def build(group: zarr.Group) -> None:
-        datasets = []
         lead = layout.shape[:-2]
         for level in range(layout.levels):
             y = layout.shape[-2] // 2**level
@@ -253,20 +252,11 @@ def _field_template(layout: FieldLayout) -> tuple[dict[str, bytes], tuple[Any, .
                 fill_value=0,
                 chunk_key_encoding=CHUNK_KEY_ENCODING,
             ))
-            datasets.append({"path": str(level), "coordinateTransformations": [
-                {"type": "scale", "scale": _scale(layout, level)}]})
         units = {a: "micrometer" for a in ("z", "y", "x") if a in layout.axes and _has_unit(layout, a)}
-        write_multiscales_metadata(
-            group,
-            datasets,
-            fmt=ome_format(),
-            axes=list(layout.axes),
-            axes_units=units or None,
-            name="",
-            metadata={"omero": _omero(layout.channel_names)},
-        )
+        group.attrs["ome"] = image_attributes(layout.axes, [_scale(layout, level) for level in range(layout.levels)],
+                                              units=units, name="", omero=_omero(layout.channel_names))
 
-    from ome_zarr.writer import write_multiscales_metadata  # ome-zarr (and Dask with it) where it is used
+    from hcs_dask.store._ngff import image_attributes  # ome-zarr-models (pydantic) where it is used
 
     files = metadata_files(build)
     return files, tuple(array.metadata for array in arrays)

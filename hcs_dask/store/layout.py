@@ -15,7 +15,7 @@ import threading
 from pathlib import Path
 
 from hcs_dask.plate import Plate
-from hcs_dask.store._files import fsync_path, fsync_paths, metadata_files, ome_format, write_files
+from hcs_dask.store._files import fsync_path, fsync_paths, metadata_files, write_files
 from hcs_dask.store.commit import well_document
 from hcs_dask.store.manifest import Manifest
 
@@ -179,20 +179,14 @@ def prepare_plate_layout(output: str | Path, plate: Plate, *, overwrite: bool = 
     OutputError
         From :func:`check_output`, before anything is written.
     """
-    from ome_zarr.writer import write_plate_metadata  # ome-zarr (and Dask with it) where it is used
+    from hcs_dask.store._ngff import plate_attributes  # ome-zarr-models (pydantic) where it is used
 
     output = check_output(output, overwrite=overwrite)
     rows = sorted({w.row for w in plate.wells}, key=plate.row_names().index)
     columns = sorted({str(w.column) for w in plate.wells}, key=int)
-    files = metadata_files(lambda group: write_plate_metadata(
-        group,
-        rows=rows,
-        columns=columns,
-        wells=[f"{w.row}/{w.column}" for w in plate.wells],
-        fmt=ome_format(),
-        field_count=len(plate.sites),
-        name=plate.name,
-    ))
+    attributes = plate_attributes(rows, columns, [(w.row, str(w.column)) for w in plate.wells],
+                                  name=plate.name, field_count=len(plate.sites))
+    files = metadata_files(lambda group: group.attrs.put({"ome": attributes}))
     row_document = metadata_files(lambda group: None)["zarr.json"]
     files.update((f"{row}/zarr.json", row_document) for row in rows)
     # A well lists no images until its task has written them all (see commit_well).
