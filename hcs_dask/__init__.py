@@ -15,7 +15,7 @@ from hcs_dask import _environ  # noqa: F401
 
 # The public names, by the module that defines them. They are imported on first use
 # (``hcs_dask.run_plate``, ``from hcs_dask import Pipeline``), so that ``import hcs_dask``
-# and ``hcs-dask --help`` do not pay for Dask, zarr, ome-zarr and pandas.
+# and ``hcs-dask --help`` do not pay for Dask, zarr, ome-zarr-models and pandas.
 _PUBLIC = {
     "hcs_dask.compile": ("CompileError", "PlateGraph", "WellPlan", "compile_plate"),
     "hcs_dask.driver": ("PlateRun", "run_plate", "submit_plate"),

@@ -6,7 +6,7 @@ and print ``KeyboardInterrupt`` tracebacks from inside the wells. The run's clie
 cancels the run cleanly instead; the workers ignore SIGINT and end when their cluster
 is closed.
 
-Each worker also imports the well task's modules (``_forkserver.WORKER_MODULES``: zarr, ome-zarr,
+Each worker also imports the well task's modules (``_forkserver.WORKER_MODULES``: zarr, ome-zarr-models,
 the readers, the built-in steps) as it starts,
 while the client scans and compiles the plate, instead of in its first well (a worker forked
 from :mod:`hcs_dask._forkserver`'s server has them already), and removes the environment

@@ -1,7 +1,7 @@
 """How an embedded local cluster's workers start: forked from one server process that has the
 worker's modules already imported (``multiprocessing``'s forkserver, Dask's
 ``distributed.worker.multiprocessing-method: forkserver``), instead of each worker being a fresh
-interpreter that imports distributed, NumPy, zarr, ome-zarr and the readers again.
+interpreter that imports distributed, NumPy, zarr, ome-zarr-models and the readers again.
 
 :func:`acquire` (called by :func:`hcs_dask.cluster.connect`) makes sure the server runs before the
 cluster's nannies start their workers. The command line starts it sooner, with
