@@ -6,7 +6,6 @@ import json
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from functools import lru_cache
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
