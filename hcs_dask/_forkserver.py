@@ -50,14 +50,14 @@ __all__ = ["START_METHODS", "WORKER_MODULES", "acquire", "prestart", "start_meth
 
 #: Imported by the server before it forks a worker: what every embedded worker imports before
 #: its first well (Dask's worker, NumPy, the readers' and the store's libraries, the well's guard,
-#: the built-in steps and the SciPy module of their NumPy backend, which the client does not import).
+#: the built-in steps). Not SciPy: a step imports ``scipy.ndimage`` when it first filters
+#: (``ArrayBackend.ndimage``), so a pipeline that never does (normalise, project) never pays for it.
 WORKER_MODULES = (
     "distributed",
     "numpy",
     "tifffile",
     "zarr",
     "hcs_dask.store._ngff",
-    "scipy.ndimage",
     "hcs_dask.guard",
     "hcs_dask.steps",
     "hcs_dask._embedded_worker",

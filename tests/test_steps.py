@@ -133,6 +133,19 @@ class TestDispatch:
         )
         _run_fresh(code)
 
+    def test_steps_that_never_filter_never_import_scipy(self):
+        # The anchor pipeline (normalise, then project) needs no SciPy: its worker skips the import.
+        code = (
+            "import sys\n"
+            "import numpy as np, hcs_dask.steps as steps\n"
+            "stack = np.arange(3 * 8 * 8, dtype=np.uint16).reshape(3, 8, 8)\n"
+            "steps.max_projection(steps.percentile_normalize(stack))\n"
+            "assert 'scipy' not in sys.modules, 'scipy imported by normalise and project'\n"
+            "from hcs_dask.steps._dispatch import array_backend\n"
+            "assert array_backend(stack).ndimage.__name__ == 'scipy.ndimage'\n"
+        )
+        _run_fresh(code)
+
     def test_the_first_arrays_of_many_threads_at_once_all_get_the_numpy_backend(self):
         # The NumPy backend is registered by the first array: a worker with several threads
         # starts several wells at once, and none may find the type unregistered meanwhile.

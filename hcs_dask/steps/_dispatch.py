@@ -6,13 +6,14 @@ backend for an array the way dask-image picks its filters: a
 :class:`dask.utils.Dispatch` with both NumPy and CuPy registered lazily, so that
 importing the steps (a client loading a pipeline file) imports neither CuPy nor
 SciPy (``scipy.ndimage``: about 0.3 s). Each backend is built the first time an
-array of its library arrives, when that library is by definition imported.
+array of its library arrives, when that library is by definition imported; the NumPy
+backend imports ``scipy.ndimage`` only when a step first uses it.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
@@ -22,7 +23,6 @@ from dask.utils import Dispatch
 __all__ = ["ArrayBackend", "array_backend", "backend_for", "make_backend_dispatch", "propagate_markers"]
 
 
-@dataclass(frozen=True)
 class ArrayBackend:
     """The array library a step runs on.
 
@@ -33,17 +33,42 @@ class ArrayBackend:
     xp
         The array module: :mod:`numpy` or :mod:`cupy`.
     ndimage
-        :mod:`scipy.ndimage` or :mod:`cupyx.scipy.ndimage`.
+        :mod:`scipy.ndimage` or :mod:`cupyx.scipy.ndimage`, or the name of such a module, which
+        is then imported the first time :attr:`ndimage` is read (the NumPy backend does this: a
+        pipeline whose steps never filter, such as normalise and project, never imports SciPy).
     watershed
         ``watershed(distance, markers, mask) -> labels``: floods ``markers`` over
         ``mask``, splitting touching objects along the valleys of ``distance``
         (larger values are object centres).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> backend = ArrayBackend("numpy", np, "scipy.ndimage", lambda distance, markers, mask: markers)
+    >>> backend.ndimage.__name__
+    'scipy.ndimage'
     """
 
-    name: str
-    xp: ModuleType
-    ndimage: ModuleType
-    watershed: Callable[[Any, Any, Any], Any]
+    __slots__ = ("name", "xp", "_ndimage", "watershed")
+
+    def __init__(self, name: str, xp: ModuleType, ndimage: ModuleType | str,
+                 watershed: Callable[[Any, Any, Any], Any]) -> None:
+        self.name = name
+        self.xp = xp
+        self._ndimage = ndimage
+        self.watershed = watershed
+
+    @property
+    def ndimage(self) -> ModuleType:
+        """The ndimage module, imported now if it was given by name."""
+        if isinstance(self._ndimage, str):
+            # import_module holds the import lock: threads reading this at once all get the module.
+            self._ndimage = importlib.import_module(self._ndimage)
+        return self._ndimage
+
+    def __repr__(self) -> str:
+        ndimage = self._ndimage if isinstance(self._ndimage, str) else self._ndimage.__name__
+        return f"ArrayBackend({self.name!r}, xp={self.xp.__name__}, ndimage={ndimage})"
 
 
 def _skimage_watershed(distance: np.ndarray, markers: np.ndarray, mask: np.ndarray) -> np.ndarray:
@@ -101,10 +126,9 @@ def make_backend_dispatch() -> Dispatch:
     dispatch = Dispatch(name="array_backend")
 
     def register_numpy() -> None:
-        # Runs once, when the first NumPy array arrives: SciPy is imported then, not with the steps.
-        import scipy.ndimage
-
-        numpy_backend = ArrayBackend("numpy", np, scipy.ndimage, _skimage_watershed)
+        # Runs once, when the first NumPy array arrives; SciPy is imported when a step first
+        # reads ``backend.ndimage``, not with the steps nor with the first array.
+        numpy_backend = ArrayBackend("numpy", np, "scipy.ndimage", _skimage_watershed)
 
         def numpy_array(array: np.ndarray) -> ArrayBackend:
             return numpy_backend
