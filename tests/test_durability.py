@@ -91,8 +91,11 @@ def test_the_renames_that_make_a_well_ok_are_followed_by_a_folder_fsync(tmp_path
     flushed_before = {what for kind, what in disk_events[:commit_index] if kind.startswith("fsync")}
     below = [p for p in (well / "0").rglob("*")] + [well / "0"]
     assert {_identity(p) for p in below} <= flushed_before  # every field file and folder, before the listing
+    assert _identity(well / "zarr.json") in flushed_before  # the new listing itself (a rename keeps the inode)
     assert ("fsync folder", _identity(well)) in _after_rename(disk_events, well / "zarr.json")
     record = output / "hcs_dask" / "wells" / "A01"
+    record_index = max(i for i, e in enumerate(disk_events) if e == ("rename", str(record / "zarr.json")))
+    assert ("fsync file", _identity(record / "zarr.json")) in disk_events[commit_index:record_index]
     after_record = _after_rename(disk_events, record / "zarr.json")
     assert ("fsync folder", _identity(record)) in after_record
     assert ("fsync folder", _identity(record.parent)) in after_record  # wells/ lists the record's folder

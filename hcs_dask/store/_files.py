@@ -7,12 +7,12 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import zarr
 
-__all__ = ["fsync_path", "fsync_paths", "group_document", "metadata_files", "stop_flushers", "write_file",
-           "write_files"]
+__all__ = ["fsync_path", "fsync_paths", "group_document", "metadata_files", "publish", "stage_file",
+           "stop_flushers", "write_file", "write_files"]
 
 
 def metadata_files(build: Callable[[zarr.Group], Any]) -> dict[str, bytes]:
@@ -41,22 +41,50 @@ def group_document(attributes: dict) -> bytes:
     return json.dumps({"zarr_format": 3, "node_type": "group", "attributes": attributes}, default=str).encode()
 
 
-def write_file(path: Path, data: bytes, *, atomic: bool = False, durable: bool = False) -> None:
+def write_file(path: Path, data: bytes, *, atomic: bool = False, durable: bool = False,
+               flush_folders: Sequence[Path] = ()) -> None:
     """Write ``data`` to ``path``.
 
     ``atomic``: through a temporary file in the same folder and a rename, so a reader sees the
     old file or the new one. ``durable``: the file is flushed to disk before that rename, and
-    (with ``atomic``) the folder after it, so that the rename itself survives a power cut.
+    (with ``atomic``) the folder after it, so that the rename itself survives a power cut;
+    ``flush_folders`` are flushed together with that folder (the folders above a new one).
     """
-    target = path.with_name(f".{path.name}.{os.getpid()}.tmp") if atomic else path
-    with open(target, "wb") as handle:
+    if not atomic:
+        with open(path, "wb") as handle:
+            handle.write(data)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        return
+    staged = stage_file(path, data)
+    if durable:
+        fsync_path(staged)
+    publish(staged, path, durable=durable, flush_folders=flush_folders)
+
+
+def stage_file(path: Path, data: bytes) -> Path:
+    """Write ``data`` to the temporary file that :func:`publish` renames to ``path``; returns its path.
+
+    Not flushed: a caller that flushes many files at once (:func:`fsync_paths`) flushes it with them.
+    """
+    staged = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(staged, "wb") as handle:
         handle.write(data)
-        if durable:
-            handle.flush()
-            os.fsync(handle.fileno())
-    if atomic:
-        os.replace(target, path)
-        if durable:
+    return staged
+
+
+def publish(staged: Path, path: Path, *, durable: bool = False, flush_folders: Sequence[Path] = ()) -> None:
+    """Rename a :func:`stage_file` into place; ``durable``: then flush its folder (and ``flush_folders``).
+
+    With ``durable`` the staged file must have been flushed already: the rename is what makes
+    it visible, and a power cut must not leave a visible name on unflushed data.
+    """
+    os.replace(staged, path)
+    if durable:
+        if flush_folders:
+            fsync_paths([path.parent, *flush_folders])
+        else:
             fsync_path(path.parent)
 
 
@@ -69,7 +97,11 @@ def fsync_path(path: str | Path) -> None:
         os.close(fd)
 
 
-#: fsync waits on the disk, not the CPU: a few threads flush many small files together.
+#: fsync waits on the disk, not the CPU: threads flush many small files together. A well's fields
+#: are some 20-30 files and folders; with all of them in flight at once the file system commits
+#: them in fewer journal rounds (ext4, 96-well anchor plate: the batch took 7.3-8.0 ms a well
+#: with 8 threads, 4.9-6.1 ms with 32). Threads start only as they are needed.
+_FLUSHERS = 32
 _flushers_pool: ThreadPoolExecutor | None = None
 _flushers_lock = threading.Lock()
 
@@ -78,7 +110,7 @@ def _flushers() -> ThreadPoolExecutor:
     global _flushers_pool
     with _flushers_lock:
         if _flushers_pool is None:
-            _flushers_pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="hcs-dask-fsync")
+            _flushers_pool = ThreadPoolExecutor(max_workers=_FLUSHERS, thread_name_prefix="hcs-dask-fsync")
         return _flushers_pool
 
 

@@ -13,7 +13,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
-from hcs_dask.store._files import fsync_paths, metadata_files, write_file
+from hcs_dask.store._files import fsync_paths, metadata_files, publish, stage_file, write_file
 
 __all__ = ["commit_well", "reset_well", "well_document"]
 
@@ -61,11 +61,16 @@ def commit_well(output: str | Path, row: str, column: int, fields: Sequence[int]
     rename, so a reader sees the old list or the new one.
     """
     folder = Path(output) / row / str(column)
-    if durable:
-        paths: list[str] = []
-        for directory, _, files in os.walk(folder):
-            if directory != str(folder):  # the well's own folder is flushed after the rename
-                paths.append(directory)
-            paths.extend(os.path.join(directory, name) for name in files)
-        fsync_paths(paths)
-    write_file(folder / "zarr.json", well_document(tuple(fields)), atomic=True, durable=durable)
+    listing = folder / "zarr.json"
+    if not durable:
+        write_file(listing, well_document(tuple(fields)), atomic=True)
+        return
+    paths: list[str | Path] = []
+    for directory, _, files in os.walk(folder):
+        if directory != str(folder):  # the well's own folder is flushed after the rename
+            paths.append(directory)
+        paths.extend(os.path.join(directory, name) for name in files)
+    # The new listing is staged first and flushed with the fields, all at once; only then renamed.
+    staged = stage_file(listing, well_document(tuple(fields)))
+    fsync_paths([*paths, staged])
+    publish(staged, listing, durable=True)

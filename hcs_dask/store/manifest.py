@@ -7,7 +7,7 @@ import os
 import time
 from pathlib import Path
 
-from hcs_dask.store._files import fsync_path, group_document, write_file
+from hcs_dask.store._files import group_document, write_file
 
 __all__ = ["Manifest"]
 
@@ -68,9 +68,8 @@ class Manifest:
         # A "running" record lost to a power cut reads as "not started": both mean the
         # well runs again on resume, so only outcomes are worth an fsync.
         durable = self.durable and record.get("status") != "running"
-        write_file(folder / "zarr.json", group_document({_KEY: record}), atomic=True, durable=durable)
-        if durable:
-            fsync_path(folder.parent)
+        write_file(folder / "zarr.json", group_document({_KEY: record}), atomic=True, durable=durable,
+                   flush_folders=[folder.parent])
 
     def read_well(self, well: str) -> dict | None:
         """The well's record, or ``None`` where it has none yet."""
