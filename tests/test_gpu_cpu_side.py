@@ -30,13 +30,13 @@ from hcs_dask import cluster as cluster_module
 from hcs_dask.cli import main
 from hcs_dask.cluster import (
     CUDA_WORKER_CONFIG,
-    EMBEDDED_SCHEDULER_CONFIG,
     EMBEDDED_WORKER_PRELOAD,
     ClusterError,
     ClusterOptionError,
     check_cluster,
     connect,
     cuda_device_count,
+    embedded_config,
 )
 from hcs_dask.memory import gpu
 from hcs_dask.memory.convert import ConversionCounter, array_type_of, to_array_type, to_host
@@ -301,7 +301,7 @@ def _install_fake_dask_cuda(monkeypatch, *, processes: bool) -> list[dict[str, A
     Worker processes get their stand-ins from the preload ``tests/fake_gpu_worker.py``.
     """
     calls: list[dict[str, Any]] = []
-    recorded = {**EMBEDDED_SCHEDULER_CONFIG, **CUDA_WORKER_CONFIG}
+    recorded = {**embedded_config(), **CUDA_WORKER_CONFIG}
 
     class LocalCUDACluster(LocalCluster):
         def __init__(self, *, n_workers=None, threads_per_worker=1, memory_limit="auto", resources=None,
@@ -365,7 +365,7 @@ def test_cuda_cluster_gets_gpu_resources_one_thread_and_the_rmm_options(fake_das
         "rmm_pool_size": "64MiB", "rmm_maximum_pool_size": "1000MB", "rmm_async": False,
         "rmm_release_threshold": None, "rmm_managed_memory": False, "rmm_allocator_external_lib_list": ["cupy"],
         "scheduler_port": 0, "dashboard_address": ":0", "silence_logs": call["silence_logs"],
-        "pre_import": ["cupy"], "config": {**EMBEDDED_SCHEDULER_CONFIG, **CUDA_WORKER_CONFIG},
+        "pre_import": ["cupy"], "config": {**embedded_config(), **CUDA_WORKER_CONFIG},
         "preload": [EMBEDDED_WORKER_PRELOAD],  # workers ignore a notebook's SIGINT
     }
 

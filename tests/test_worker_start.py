@@ -36,6 +36,19 @@ def test_workers_fork_from_a_server_that_has_their_modules():
     assert all(modules == list(_forkserver.WORKER_MODULES) for modules in loaded.values())
 
 
+def _profile_intervals_ms(client) -> set[float]:
+    return set(client.run(lambda dask_worker: dask_worker.periodic_callbacks["profile"].callback_time).values())
+
+
+def test_embedded_workers_profile_every_100_ms_unless_the_user_chose_an_interval():
+    # distributed's 10 ms sampling holds the GIL on the worker's event loop while a well runs.
+    with connect(n_workers=1, threads_per_worker=1) as client:
+        assert _profile_intervals_ms(client) == {100}
+    with dask.config.set({"distributed.worker.profile.interval": "20ms"}), \
+            connect(n_workers=1, threads_per_worker=1) as client:
+        assert _profile_intervals_ms(client) == {20}
+
+
 def test_a_users_own_cluster_beside_an_embedded_one_starts_as_dask_starts_it(monkeypatch):
     # The start method is process-wide Dask config: an embedded cluster that is running must not
     # make the user's LocalCluster fork from hcs_dask's server (whose environment is not theirs).
