@@ -59,7 +59,8 @@ EMBEDDED_SCHEDULER_CONFIG = {
 #: about a third of the event loop's time in a 1-worker run of the OpenHCS anchor plate
 #: (py-spy ``--gil`` on the worker), and 4 % of the wells' span (a warm 1-worker cluster, the
 #: profiler stopped and started between runs: 6.73 s against 7.00 s, medians of 4 runs). The
-#: dashboard's profile keeps working, coarser. An interval the user set is kept.
+#: dashboard's profile keeps working, coarser. An interval the user set in the Dask config is
+#: kept, unless it is distributed's own 10 ms, which cannot be told from the default.
 EMBEDDED_PROFILE_INTERVAL = "100ms"
 _DISTRIBUTED_PROFILE_INTERVAL_S = 0.01
 
