@@ -18,6 +18,7 @@ from hcs_dask.compile import CompileError, ResumeError
 from hcs_dask.plate import row_name
 from hcs_dask.results import ExecutionResult
 from hcs_dask.store import Manifest
+from hcs_dask.tables import _columns, status_table
 
 GRAPH = Path(__file__).parent / "faulty_graph.py"
 #: An error message that would be markup if it were not escaped.
@@ -140,6 +141,8 @@ def test_tables_beside_and_inside_the_plate(failed_run):
     columns = zarr.open_group(output / "tables" / "well_status" / "table", mode="r").attrs.asdict()
     assert dict(zip(columns["well"], columns["status"])) == {"A01": "ok", "A02": "failed", "A03": "ok", "A04": "ok"}
     assert columns["error"][1] == NASTY and columns["error"][0] is None
+    # Written without pandas; the same values as the DataFrame's columns read back.
+    assert columns == _columns(status_table(failed_run))
     # Every file of the store is a zarr document: walking it warns about nothing (warnings are errors here).
     assert "tables/well_status/table" in dict(zarr.open_group(output, mode="r").members(max_depth=None))
 

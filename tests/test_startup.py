@@ -105,6 +105,24 @@ def test_a_run_builds_its_ngff_metadata_without_ome_zarr(synthetic_plate, tmp_pa
     assert _fresh(code) == {"ok": 4, "client": ["ome_zarr_models"], "workers": [["ome_zarr_models"]]}
 
 
+def test_a_run_whose_wells_measure_nothing_never_imports_pandas(synthetic_plate, tmp_path):
+    # Its only table, the wells' status, is written without pandas: 0.6-0.8 s of the client's CPU,
+    # which on 2 cores the workers would have lost.
+    code = (
+        "import json, sys, zarr\n"
+        "from hcs_dask import open_plate, run_plate\n"
+        "from hcs_dask.cluster import connect\n"
+        "from hcs_dask.pipeline import load_pipeline\n"
+        "with connect(n_workers=1) as client:\n"
+        f"    result = run_plate(open_plate({str(synthetic_plate)!r}), load_pipeline('max_projection'),\n"
+        f"                       {str(tmp_path / 'out.ome.zarr')!r}, client=client)\n"
+        f"status = zarr.open_group({str(tmp_path / 'out.ome.zarr' / 'tables' / 'well_status' / 'table')!r}, mode='r')\n"
+        "print(json.dumps({'tables': result.tables, 'statuses': status.attrs['status'],\n"
+        "                  'pandas': 'pandas' in sys.modules}))\n"
+    )
+    assert _fresh(code) == {"tables": ["well_status"], "statuses": ["ok"] * 4, "pandas": False}
+
+
 def test_the_console_script_skips_the_teardown_after_a_run_that_flushed_files(synthetic_plate, tmp_path):
     # The store's flushes leave idle, non-daemon pool threads behind; they must not force
     # Python's own exit (0.65 s of module teardown after a 96-well run on 2 cores).
