@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 
@@ -86,41 +87,40 @@ def test_the_console_script_leaves_the_exit_to_python_while_another_thread_runs(
     assert done.stdout.splitlines()[-1] == "thread finished"
 
 
-def test_a_run_builds_its_ngff_metadata_without_ome_zarr(synthetic_plate, tmp_path):
-    # The store's documents come from ome-zarr-models (hcs_dask.store._ngff): ome-zarr would
-    # import Dask's arrays and scikit-image, about 1 s, in the client and in every worker's server.
-    code = (
-        "import json, sys\n"
-        "from hcs_dask import open_plate, run_plate\n"
-        "from hcs_dask.cluster import connect\n"
-        "from hcs_dask.pipeline import load_pipeline\n"
-        "with connect(n_workers=1) as client:\n"
-        f"    result = run_plate(open_plate({str(synthetic_plate)!r}), load_pipeline('max_projection'),\n"
-        f"                       {str(tmp_path / 'out.ome.zarr')!r}, client=client)\n"
-        "    workers = list(client.run(lambda: sorted(m for m in ('ome_zarr', 'ome_zarr_models') if m in sys.modules))\n"
-        "                   .values())\n"
-        "print(json.dumps({'ok': result.counts().get('ok'), 'client': sorted(m for m in ('ome_zarr', 'ome_zarr_models')\n"
-        "                  if m in sys.modules), 'workers': workers}))\n"
-    )
-    assert _fresh(code) == {"ok": 4, "client": ["ome_zarr_models"], "workers": [["ome_zarr_models"]]}
-
-
-def test_a_run_whose_wells_measure_nothing_never_imports_pandas(synthetic_plate, tmp_path):
-    # Its only table, the wells' status, is written without pandas: 0.6-0.8 s of the client's CPU,
-    # which on 2 cores the workers would have lost.
-    code = (
+def _fresh_run(plate: Path, output: Path, *, inside: str = "", report: str) -> dict:
+    """A ``max_projection`` run of ``plate`` on a 1-worker embedded cluster in a fresh interpreter:
+    ``inside`` runs while the cluster is up, ``report`` (an expression) is printed as JSON after."""
+    return _fresh(
         "import json, sys, zarr\n"
         "from hcs_dask import open_plate, run_plate\n"
         "from hcs_dask.cluster import connect\n"
         "from hcs_dask.pipeline import load_pipeline\n"
         "with connect(n_workers=1) as client:\n"
-        f"    result = run_plate(open_plate({str(synthetic_plate)!r}), load_pipeline('max_projection'),\n"
-        f"                       {str(tmp_path / 'out.ome.zarr')!r}, client=client)\n"
-        f"status = zarr.open_group({str(tmp_path / 'out.ome.zarr' / 'tables' / 'well_status' / 'table')!r}, mode='r')\n"
-        "print(json.dumps({'tables': result.tables, 'statuses': status.attrs['status'],\n"
-        "                  'pandas': 'pandas' in sys.modules}))\n"
+        f"    result = run_plate(open_plate({str(plate)!r}), load_pipeline('max_projection'), {str(output)!r},\n"
+        "                       client=client)\n"
+        f"{inside}"
+        f"print(json.dumps({report}))\n"
     )
-    assert _fresh(code) == {"tables": ["well_status"], "statuses": ["ok"] * 4, "pandas": False}
+
+
+def test_a_run_builds_its_ngff_metadata_without_ome_zarr(synthetic_plate, tmp_path):
+    # The store's documents come from ome-zarr-models (hcs_dask.store._ngff): ome-zarr would
+    # import Dask's arrays and scikit-image, about 1 s, in the client and in every worker's server.
+    loaded = "sorted(m for m in ('ome_zarr', 'ome_zarr_models') if m in sys.modules)"
+    report = _fresh_run(synthetic_plate, tmp_path / "out.ome.zarr",
+                        inside=f"    workers = list(client.run(lambda: {loaded}).values())\n",
+                        report=f"{{'ok': result.counts().get('ok'), 'client': {loaded}, 'workers': workers}}")
+    assert report == {"ok": 4, "client": ["ome_zarr_models"], "workers": [["ome_zarr_models"]]}
+
+
+def test_a_run_whose_wells_measure_nothing_never_imports_pandas(synthetic_plate, tmp_path):
+    # Its only table, the wells' status, is written without pandas: 0.6-0.8 s of the client's CPU,
+    # which on 2 cores the workers would have lost.
+    status = tmp_path / "out.ome.zarr" / "tables" / "well_status" / "table"
+    report = _fresh_run(synthetic_plate, tmp_path / "out.ome.zarr",
+                        report=f"{{'tables': result.tables, 'pandas': 'pandas' in sys.modules, "
+                               f"'statuses': zarr.open_group({str(status)!r}, mode='r').attrs['status']}}")
+    assert report == {"tables": ["well_status"], "pandas": False, "statuses": ["ok"] * 4}
 
 
 def test_the_console_script_skips_the_teardown_after_a_run_that_flushed_files(synthetic_plate, tmp_path):
