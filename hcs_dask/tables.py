@@ -43,9 +43,7 @@ def status_table(result: PlateResult) -> pd.DataFrame:
     """One row per well: status, attempts, seconds, start and end (epoch s), worker, step, error, pipeline."""
     import pandas as pd  # with the first table, not with hcs_dask
 
-    columns = list(_STATUS_COLUMNS)
-    rows = [{name: getattr(r, name) for name in columns} for r in result.wells]
-    frame = pd.DataFrame(rows, columns=columns)
+    frame = pd.DataFrame(status_columns(result), columns=list(_STATUS_COLUMNS))
     # Explicit dtypes, so that an all-empty column reads back as text or numbers, not nulls of any type.
     for name in _STATUS_TEXT:
         frame[name] = frame[name].astype("string")
@@ -55,11 +53,12 @@ def status_table(result: PlateResult) -> pd.DataFrame:
 
 
 def status_columns(result: PlateResult) -> dict[str, list]:
-    """:func:`status_table` as the JSON columns the store holds, built without pandas.
+    """The well-status table as the JSON columns the store holds, built without pandas
+    (:func:`status_table` is its DataFrame).
 
     A run whose pipeline measures nothing writes only this table, so it never imports pandas
-    (0.6-0.8 s of the client's CPU, taken from the workers where cores are few). The values are
-    those of ``status_table``'s columns read back: text or None, floats or None, the attempts.
+    (0.6-0.8 s of the client's CPU, taken from the workers where cores are few). Values are text
+    or None, floats or None, and the attempts.
     """
     columns: dict[str, list] = {name: [] for name in _STATUS_COLUMNS}
     for r in result.wells:
