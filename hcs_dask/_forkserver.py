@@ -4,9 +4,11 @@ worker's modules already imported (``multiprocessing``'s forkserver, Dask's
 interpreter that imports distributed, NumPy, zarr, ome-zarr-models and the readers again.
 
 :func:`acquire` (called by :func:`hcs_dask.cluster.connect`) makes sure the server runs before the
-cluster's nannies start their workers. The command line starts it sooner, with
-:func:`prestart`, before the client itself imports distributed, so that the server's imports run
-beside the client's. Each worker the cluster starts with is then a fork of the server. A worker
+cluster's nannies start their workers: a fresh interpreter that imports :data:`WORKER_MODULES`.
+The command line starts it sooner, with :func:`prestart`, before it imports distributed: it
+writes the workers' environment into its own, imports the modules itself (it needs them as the
+client too) and forks the server from itself, so that the server costs no imports of its own.
+Each worker the cluster starts with is then a fork of the server. A worker
 that its nanny restarts later (after a death) is spawned, Dask's default: the start method is
 read from the config of the whole process, which a run must not change for the user's own
 clusters. ``bench/openhcs.py`` and ``bench/throughput.py`` measure the whole commands.
@@ -22,7 +24,11 @@ names of those removed since (which the worker's preload removes before it takes
 a variable read at process start (``MALLOC_*``, ``LD_PRELOAD``, ``PYTHONHASHSEED``) or at an
 import of the server's (``OMP_NUM_THREADS`` at NumPy's) keeps the server's value there. The
 working directory and ``sys.path`` are the client's at each worker's start (multiprocessing
-sends them with every fork).
+sends them with every fork). A server forked from the command line's process has that
+process's start: its ``MALLOC_*`` and ``LD_PRELOAD`` are the user's, as a spawned server's are,
+but its string hashes are seeded as the command's own, not with the nanny's ``PYTHONHASHSEED``
+(which its workers' ``os.environ`` still shows): its workers hash alike, and a worker that its
+nanny restarts (spawned) hashes with the nanny's seed.
 
 A fork server that something else in this process started first (a ``LocalCluster`` of the
 user's with Dask's forkserver method) is used as it is, with its own environment and imports.
@@ -108,8 +114,11 @@ def _worker_environ(pre_spawn: dict[str, Any]) -> dict[str, str]:
     return {**os.environ, **additions}
 
 
-def _start(environ: dict[str, str]) -> None:
-    """(Re)start the server in ``environ``, which is written into ``os.environ`` as a nanny does."""
+def _start(environ: dict[str, str], *, here: bool = False) -> None:
+    """(Re)start the server in ``environ``, which is written into ``os.environ`` as a nanny does.
+
+    ``here``: make the server a fork of this process (:func:`_fork_server_here`) where it can be.
+    """
     global _server_environ
 
     os.environ.update(environ)
@@ -119,9 +128,99 @@ def _start(environ: dict[str, str]) -> None:
         if stop is None:
             return
         stop()
-    multiprocessing.get_context("forkserver").set_forkserver_preload(list(WORKER_MODULES))
-    multiprocessing.forkserver.ensure_running()
+    if not (here and _fork_server_here()):
+        multiprocessing.get_context("forkserver").set_forkserver_preload(list(WORKER_MODULES))
+        multiprocessing.forkserver.ensure_running()
     _server_environ = environ
+
+
+#: Libraries of the server's that read the environment as they are imported (NumPy's BLAS its
+#: thread counts, distributed its config).
+_READ_THE_ENVIRONMENT = ("numpy", "distributed", "zarr", "numcodecs", "tifffile")
+
+#: The standard library's fork server as :func:`_fork_server_here` drives it (CPython 3.11-3.13).
+_SERVER_MAIN_PARAMETERS = ("listener_fd", "alive_r", "preload", "main_path", "sys_path")
+_SERVER_STATE = ("_forkserver_address", "_forkserver_alive_fd", "_forkserver_pid")
+
+
+def _native_threads() -> int:
+    """How many threads this process has, the interpreter's and any a library started (Linux);
+    0 where that cannot be read."""
+    try:
+        return len(os.listdir("/proc/self/task"))
+    except OSError:
+        return 0
+
+
+def _fork_server_here() -> bool:
+    """Import :data:`WORKER_MODULES` here, then make ``multiprocessing``'s fork server a fork of
+    this process instead of a fresh interpreter that imports them again. True where it did.
+
+    The command line imports the same modules for itself, so the server then costs no imports of
+    its own, and the first workers fork as soon as the cluster asks for them (a spawned server's
+    imports, 1.5-1.7 CPU-s on a 2-core machine, ended just when the workers were forked). The
+    server is the standard library's own loop (``multiprocessing.forkserver.main``), listening
+    where the standard start would have it listen; only how it came to run differs. It ends at
+    once when this process has gone (end of file on its pipe), without a teardown.
+
+    Only a process with a single thread can be forked safely: where another thread runs (the
+    interpreter's or a library's, such as BLAS threads of a ``pre-spawn-environ`` that allows
+    them), off Linux, or where the standard library's server is not the one this was written
+    against (its ``main``'s parameters, its state), nothing is forked and the caller starts the
+    server as usual.
+    """
+    import importlib
+    import inspect
+    import socket
+    from multiprocessing import connection, resource_tracker, util
+
+    server = multiprocessing.forkserver._forkserver
+    try:
+        parameters = tuple(inspect.signature(multiprocessing.forkserver.main).parameters)
+    except (TypeError, ValueError):
+        return False
+    if (parameters != _SERVER_MAIN_PARAMETERS or not all(hasattr(server, name) for name in _SERVER_STATE)
+            or server._forkserver_pid is not None or sys.platform != "linux"):
+        return False
+    for name in WORKER_MODULES:
+        importlib.import_module(name)
+    if threading.active_count() != 1 or _native_threads() != 1:
+        return False
+    resource_tracker.ensure_running()  # as the standard start does: the workers are handed its pipe
+    with socket.socket(socket.AF_UNIX) as listener:
+        address = connection.arbitrary_address("AF_UNIX")
+        listener.bind(address)
+        if not util.is_abstract_socket_namespace(address):
+            os.chmod(address, 0o600)
+        listener.listen()
+        alive_r, alive_w = os.pipe()  # end of file there: this process has gone
+        # Text still buffered here would be written again by the server and by every worker.
+        for stream in (sys.stdout, sys.stderr):
+            try:
+                stream.flush()
+            except (OSError, ValueError):
+                pass
+        pid = os.fork()
+        if pid == 0:  # the server: it serves until this process has gone, then ends at once
+            code = 0
+            try:
+                os.close(alive_w)
+                multiprocessing.forkserver.main(listener.fileno(), alive_r, [])
+            except SystemExit:
+                pass
+            except BaseException:  # noqa: BLE001  (reported, then the server ends)
+                sys.excepthook(*sys.exc_info())
+                code = 1
+            finally:
+                try:
+                    sys.stderr.flush()
+                finally:
+                    os._exit(code)  # not this process's teardown, nor the command's code above
+        os.close(alive_r)
+    server._forkserver_address = address
+    server._forkserver_alive_fd = alive_w
+    server._forkserver_pid = pid
+    return True
 
 
 def acquire(pre_spawn: dict[str, Any]) -> tuple[dict[str, str], Callable[[], None]]:
@@ -179,9 +278,13 @@ def prestart() -> None:
     """Start the server now, before this process imports distributed (the command line's first step).
 
     The environment is worked out from distributed's default config file and the user's Dask
-    config, as the embedded cluster's nannies will read them; :func:`acquire` works it out again
-    once distributed is imported and starts the server again if the two differ. Does nothing
-    when ``hcs-dask.worker-start`` is ``spawn`` or the server runs already.
+    config, as the embedded cluster's nannies will read them, and written into this process's;
+    then the server's modules are imported here and the server is forked from this process
+    (:func:`_fork_server_here`; a fresh interpreter where that cannot be, or where NumPy,
+    distributed or zarr was imported before the environment was written). :func:`acquire` works
+    the environment out again once distributed is imported and starts the server again (a fresh
+    interpreter) if the two differ. Does nothing when ``hcs-dask.worker-start`` is ``spawn`` or
+    the server runs already.
     """
     import dask
 
@@ -189,9 +292,13 @@ def prestart() -> None:
         return
     drop_inherited_malloc_trim()
     configured = dask.config.get("distributed.nanny.pre-spawn-environ", default=None) or {}
+    # A fork of this process keeps what its libraries read from the environment when they were
+    # imported: it can be the server only if they are imported after the environment is written.
+    fresh = not any(name in sys.modules for name in _READ_THE_ENVIRONMENT)
     with _lock:
         if _server_environ is None:
-            _start(_worker_environ({**_distributed_defaults(), **configured, **EMBEDDED_PRE_SPAWN_ENVIRON}))
+            _start(_worker_environ({**_distributed_defaults(), **configured, **EMBEDDED_PRE_SPAWN_ENVIRON}),
+                   here=fresh)
 
 
 def _in_the_server() -> bool:

@@ -126,10 +126,12 @@ def test_a_run_whose_wells_measure_nothing_never_imports_pandas(synthetic_plate,
 def test_the_console_script_skips_the_teardown_after_a_run_that_flushed_files(synthetic_plate, tmp_path):
     # The store's flushes leave idle, non-daemon pool threads behind; they must not force
     # Python's own exit (0.65 s of module teardown after a 96-well run on 2 cores).
-    # threading._register_atexit callbacks run only in that teardown, not in atexit's.
+    # threading._register_atexit callbacks run only in that teardown, not in atexit's. The
+    # workers, forked from a fork of this process, have the callback too and end through it.
     out = tmp_path / "out.ome.zarr"
-    program = ("import sys, threading\n"
-               "threading._register_atexit(lambda: print('python teardown', file=sys.stderr))\n"
+    program = ("import os, sys, threading\n"
+               "client = os.getpid()\n"
+               "threading._register_atexit(lambda: os.getpid() == client and print('python teardown', file=sys.stderr))\n"
                f"sys.argv = ['hcs-dask', 'run', 'max_projection', {str(synthetic_plate)!r}, '-o', {str(out)!r},\n"
                "            '--workers', '1']\n"
                "from hcs_dask.cli import entry\nentry()\n")

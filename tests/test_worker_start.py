@@ -159,27 +159,99 @@ def test_workers_have_the_nannys_start_environment():
     assert environ == {name: os.environ.get(name, str(expected[name])) for name in environ}
 
 
-def test_the_command_lines_early_server_is_the_one_its_cluster_uses():
-    # prestart runs before distributed is imported, guessing the nanny's environment from
-    # distributed's config file; a wrong guess would start the server again once distributed is in.
-    code = (
-        "import json, os, sys\n"
-        "from hcs_dask._forkserver import prestart\n"
-        "prestart()\n"
-        "early = 'distributed' in sys.modules\n"
-        "import psutil\n"
-        "[server] = [p.pid for p in psutil.Process().children() if 'forkserver' in ' '.join(p.cmdline())]\n"
-        "from hcs_dask.cluster import connect\n"
-        "with connect(n_workers=1, threads_per_worker=1) as client:\n"
-        "    parents = sorted(set(client.run(os.getppid).values()))\n"
-        "print(json.dumps({'early': early, 'server': server, 'parents': parents}))\n"
-    )
-    env = {k: v for k, v in os.environ.items() if k != "MALLOC_TRIM_THRESHOLD_"}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180)
+def _fresh_interpreter(program: str, *, environ: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    # Buffered output, as a command writing into a pipe has it (where PYTHONUNBUFFERED is unset).
+    env = {k: v for k, v in os.environ.items() if k not in ("MALLOC_TRIM_THRESHOLD_", "PYTHONUNBUFFERED")}
+    done = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True,
+                          env={**env, **(environ or {})}, timeout=180)
     assert done.returncode == 0, done.stderr
-    seen = json.loads(done.stdout.strip().splitlines()[-1])
-    assert seen["early"] is False
+    return done
+
+
+#: Run in a fresh interpreter after its own set-up lines: starts the server as the command line
+#: does, then an embedded cluster, and prints what the server and the worker were.
+_COMMAND_LINES_START = (
+    "import json, multiprocessing.forkserver, os, sys, psutil\n"
+    "from hcs_dask import _forkserver\n"
+    "_forkserver.prestart()\n"
+    "server = multiprocessing.forkserver._forkserver._forkserver_pid\n"
+    "fork = psutil.Process(server).cmdline() == psutil.Process().cmdline()\n"
+    "{between}"
+    "from hcs_dask.cluster import connect\n"
+    "with connect(n_workers=1, threads_per_worker=1) as client:\n"
+    "    parents = sorted(set(client.run(os.getppid).values()))\n"
+    "    [seen] = client.run(lambda: ([m for m in _forkserver.WORKER_MODULES if m in sys.modules],\n"
+    "                                 {{n: os.environ.get(n) for n in ('OPENBLAS_NUM_THREADS', 'HCS_DASK_LATE')}})).values()\n"
+    "print(json.dumps({{'server': server, 'fork': fork, 'parents': parents, 'modules': seen[0], 'environ': seen[1],\n"
+    "                  'server_alive': psutil.pid_exists(server)}}))\n"
+)
+
+
+def _command_lines_start(before: str = "", between: str = "") -> dict:
+    done = _fresh_interpreter(before + _COMMAND_LINES_START.format(between=between))
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_command_lines_server_is_a_fork_of_it_and_the_one_its_cluster_uses():
+    # prestart guesses the nanny's environment before distributed is imported, from distributed's
+    # config file; a wrong guess would start the server again once distributed is in.
+    seen = _command_lines_start()
+    assert seen["fork"] is True  # a fork of the command's process: its cmdline
     assert seen["parents"] == [seen["server"]]
+    assert seen["modules"] == list(_forkserver.WORKER_MODULES)
+    expected = dask.config.get("distributed.nanny.pre-spawn-environ")["OPENBLAS_NUM_THREADS"]
+    assert seen["environ"]["OPENBLAS_NUM_THREADS"] == os.environ.get("OPENBLAS_NUM_THREADS", str(expected))
+
+
+def test_a_process_with_another_thread_starts_a_fresh_server():
+    # A fork copies only the thread that forks: where another runs, the server is spawned.
+    seen = _command_lines_start(before="import threading, time\n"
+                                       "threading.Thread(target=time.sleep, args=(60,), daemon=True).start()\n")
+    assert seen["fork"] is False
+    assert seen["parents"] == [seen["server"]]
+    assert seen["modules"] == list(_forkserver.WORKER_MODULES)
+
+
+def test_numpy_imported_before_the_workers_environment_starts_a_fresh_server():
+    # NumPy read its BLAS thread count from the environment before prestart wrote the workers' one.
+    seen = _command_lines_start(before="import numpy\n")
+    assert seen["fork"] is False
+    assert seen["parents"] == [seen["server"]]
+
+
+def test_an_environment_changed_after_the_command_lines_start_replaces_its_forked_server():
+    seen = _command_lines_start(between="os.environ['HCS_DASK_LATE'] = 'set'\n")
+    assert seen["fork"] is True
+    assert seen["parents"] != [seen["server"]] and not seen["server_alive"]  # stopped, a fresh one started
+    assert seen["environ"]["HCS_DASK_LATE"] == "set"
+
+
+def test_the_command_lines_server_ends_at_once_and_writes_nothing_twice(tmp_path):
+    # Text the command had buffered when it forked must not come out again from the server or
+    # a worker; the server must not run the interpreter's teardown (it would hold the command's
+    # output pipes open). The probe's finalizer runs only in a teardown of a forked process.
+    (tmp_path / "teardown_probe.py").write_text(
+        "import os\n"
+        "PID = os.getpid()\n"
+        "class Probe:\n"
+        "    def __del__(self):\n"
+        "        if os.getpid() != PID:\n"
+        "            os.write(2, b'forked teardown\\n')\n"
+        "probe = Probe()\n")
+    program = (
+        "import sys, teardown_probe\n"
+        "sys.stdout.write('written once\\n')\n"  # a pipe: buffered, not yet written
+        "from hcs_dask import _forkserver\n"
+        "_forkserver.prestart()\n"
+        "from hcs_dask.cluster import connect\n"
+        "with connect(n_workers=1) as client:\n"
+        "    print(*client.run(lambda: 'teardown_probe' in sys.modules).values())\n"
+    )
+    done = _fresh_interpreter(program, environ={
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(tmp_path), os.getenv("PYTHONPATH")]))})
+    assert done.stdout.split("\n")[:2] == ["written once", "True"]  # the worker is a fork of the command
+    assert done.stdout.count("written once") == 1
+    assert "forked teardown" not in done.stderr
 
 
 def test_the_command_line_refuses_a_bad_start_method(tmp_path):
