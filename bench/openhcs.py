@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from _common import LoadMonitor, available_cpus, note, table, verdict, workdir_from
+from _common import LoadMonitor, available_cpus, compile_package_bytecode, note, table, verdict, workdir_from
 
 HERE = Path(__file__).resolve().parent
 RUNNER = HERE / "_openhcs_runner.py"
@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         note(f"{args.openhcs} has OpenHCS {version}, not {VERSION}: the figures are for {version}")
 
     hcs_dask = str(Path(sys.executable).with_name("hcs-dask"))
+    compile_package_bytecode()
     with LoadMonitor() as load, workdir_from(args.workdir) as work:
         pristine = work / f"openhcs-plate-w{args.wells}-px{args.size}"
         if not pristine.with_suffix(".complete").exists():

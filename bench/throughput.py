@@ -41,6 +41,7 @@ from _common import (
     LoadMonitor,
     PlateSpec,
     anchor_pipeline,
+    compile_package_bytecode,
     cpu_seconds,
     embedded_cluster,
     note,
@@ -187,6 +188,7 @@ def bench_plate(label: str, root: Path, pipeline: Any, work: Path, repeats: int,
 def whole_commands(root: Path, work: Path, repeats: int, n_all: int) -> dict[str, list[float]]:
     """Wall seconds of ``hcs-dask run`` (1 and n_all workers) and of the bare loop's own process."""
     hcs_dask = str(Path(sys.executable).with_name("hcs-dask"))
+    compile_package_bytecode()
     out = work / "whole"
     commands = {
         "bare": [sys.executable, str(HERE / "bare_loop.py"), "--plate", str(root), "--output", str(out / "bare.zarr"),
