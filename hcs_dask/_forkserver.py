@@ -143,6 +143,15 @@ _SERVER_MAIN_PARAMETERS = ("listener_fd", "alive_r", "preload", "main_path", "sy
 _SERVER_STATE = ("_forkserver_address", "_forkserver_alive_fd", "_forkserver_pid")
 
 
+def _flush_output() -> None:
+    """Flush this process's stdout and stderr; a closed pipe is passed over."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+
+
 def _native_threads() -> int:
     """How many threads this process has, the interpreter's and any a library started (Linux);
     0 where that cannot be read."""
@@ -194,12 +203,7 @@ def _fork_server_here() -> bool:
             os.chmod(address, 0o600)
         listener.listen()
         alive_r, alive_w = os.pipe()  # end of file there: this process has gone
-        # Text still buffered here would be written again by the server and by every worker.
-        for stream in (sys.stdout, sys.stderr):
-            try:
-                stream.flush()
-            except (OSError, ValueError):
-                pass
+        _flush_output()  # text still buffered here would be written again by the server and every worker
         pid = os.fork()
         if pid == 0:  # the server: it serves until this process has gone, then ends at once
             code = 0
@@ -318,11 +322,7 @@ def _exit_without_teardown(server: int) -> None:
     # command's output would stay open that long. It has nothing to flush but those streams.
     if os.getpid() != server:  # a worker forked from the server, which inherited this function
         return
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
+    _flush_output()
     os._exit(0)
 
 
