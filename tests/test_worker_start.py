@@ -291,3 +291,33 @@ def test_the_fork_server_ends_without_the_interpreters_teardown(tmp_path):
 def test_only_the_server_itself_exits_early():
     assert not _forkserver._in_the_server()  # this process is no fork server
     assert _forkserver._exit_without_teardown(os.getpid() + 1) is None  # a fork of the server: no exit
+
+
+def test_a_wells_first_run_imports_nothing_its_worker_did_not_have(tmp_path):
+    # WORKER_MODULES is what a worker has before its first task: a well of the built-in
+    # normalise-and-project steps (np.percentile reaches numpy.ma through np.unique) must import
+    # nothing more, or every worker's first well pays for it.
+    import cloudpickle
+
+    from hcs_dask import compile_plate, open_plate, write_synthetic_plate
+    from hcs_dask.pipeline import Pipeline, Step
+    from hcs_dask.steps import max_projection, percentile_normalize
+
+    plate = write_synthetic_plate(tmp_path / "plate", wells=1, sites=2, channels=2, z=3, size=64, seed=5)
+    pipeline = Pipeline([Step(percentile_normalize, stack="z"), Step(max_projection, stack="z")])
+    graph = compile_plate(open_plate(plate), pipeline, tmp_path / "out.ome.zarr")
+    (tmp_path / "task.pkl").write_bytes(cloudpickle.dumps((graph.plans[0], cloudpickle.dumps(graph.pipeline))))
+    done = _fresh_interpreter(
+        "import importlib, json, pickle, sys\n"
+        "from hcs_dask import _forkserver\n"
+        "for name in _forkserver.WORKER_MODULES:\n"
+        "    importlib.import_module(name)\n"
+        "before = set(sys.modules)\n"
+        f"plan, blob = pickle.loads(open({str(tmp_path / 'task.pkl')!r}, 'rb').read())\n"
+        "from hcs_dask.guard import run_well\n"
+        "result = run_well(plan, blob)\n"
+        "print(json.dumps({'status': result.status, 'error': result.error,\n"
+        "                  'imported': sorted(set(sys.modules) - before)}))\n")
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert seen["status"] == "ok", seen["error"]
+    assert seen["imported"] == []
