@@ -10,6 +10,8 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
+from pathlib import Path
 
 import dask
 import psutil
@@ -321,3 +323,39 @@ def test_a_wells_first_run_imports_nothing_its_worker_did_not_have(tmp_path):
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen["status"] == "ok", seen["error"]
     assert seen["imported"] == []
+
+
+def test_a_pipeline_files_own_forkserver_process_in_the_command_line_shares_its_server(tmp_path):
+    # The command line's fork server is multiprocessing's own: a pipeline file that starts a
+    # forkserver process at import (a library's worker pool, say) gets it from that server, and
+    # the run's workers still start, run and end as without it.
+    from hcs_dask import write_synthetic_plate
+
+    plate = write_synthetic_plate(tmp_path / "plate", wells=2, sites=1, channels=1, z=2, size=32, seed=7)
+    seen = tmp_path / "seen.json"
+    (tmp_path / "own_pool.py").write_text(textwrap.dedent(f"""\
+        import json, multiprocessing, multiprocessing.forkserver, os, pathlib, psutil
+        from hcs_dask.pipeline import load_pipeline
+
+        context = multiprocessing.get_context("forkserver")
+        child = context.Process(target=exec, args=(
+            "import os, pathlib; pathlib.Path({str(seen) + '.child'!r}).write_text(str(os.getppid()))",))
+        child.start()
+        child.join(60)
+        server = multiprocessing.forkserver._forkserver._forkserver_pid
+        pathlib.Path({str(seen)!r}).write_text(json.dumps({{
+            "exitcode": child.exitcode, "command": os.getpid(), "server": server,
+            "fork": psutil.Process(server).cmdline() == psutil.Process().cmdline()}}))
+        pipeline = load_pipeline("max_projection")
+        """))
+    done = subprocess.run([sys.executable, "-m", "hcs_dask.cli", "run", str(tmp_path / "own_pool.py"), str(plate),
+                           "-o", str(tmp_path / "out.ome.zarr"), "--workers", "1", "--summary",
+                           str(tmp_path / "summary.json")],
+                          capture_output=True, text=True, timeout=180, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    facts = json.loads(seen.read_text())
+    assert facts["exitcode"] == 0 and facts["fork"] is True
+    # The child is a fork of the command line's server, started before the pipeline file was read.
+    assert int(Path(f"{seen}.child").read_text()) == facts["server"] != facts["command"]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["counts"] == {"ok": 2}, summary
