@@ -51,6 +51,23 @@ def test_embedded_workers_profile_every_100_ms_unless_the_user_chose_an_interval
         assert _profile_intervals_ms(client) == {20}
 
 
+def _tick_intervals_ms(client) -> set[float]:
+    def tick(dask_worker=None, dask_scheduler=None):
+        return (dask_worker or dask_scheduler).periodic_callbacks["tick"].callback_time
+
+    # The workers, their nannies (``dask_worker`` is the nanny there) and the scheduler.
+    return {*client.run(tick).values(), *client.run(tick, nanny=True).values(), client.run_on_scheduler(tick)}
+
+
+def test_embedded_servers_tick_every_200_ms_unless_the_user_chose_an_interval():
+    # distributed's 20 ms tick was most of an idle cluster's CPU; it only measures event loop delays.
+    with connect(n_workers=2, threads_per_worker=1) as client:
+        assert _tick_intervals_ms(client) == {200}
+    with dask.config.set({"distributed.admin.tick.interval": "50ms"}), \
+            connect(n_workers=1, threads_per_worker=1) as client:
+        assert _tick_intervals_ms(client) == {50}
+
+
 def test_a_users_own_cluster_beside_an_embedded_one_starts_as_dask_starts_it(monkeypatch):
     # The start method is process-wide Dask config: an embedded cluster that is running must not
     # make the user's LocalCluster fork from hcs_dask's server (whose environment is not theirs).
