@@ -31,7 +31,7 @@ from ome_zarr.writer import write_plate_metadata
 
 from hcs_dask import Pipeline, Plate, Step, write_synthetic_plate
 from hcs_dask.steps import count_nuclei, max_projection, percentile_normalize, smooth, subtract_background
-from hcs_dask.store import CHUNK_KEY_ENCODING, CHUNK_YX, FieldLayout, FieldWriter, downsample, pyramid_levels
+from hcs_dask.store import CHUNK_KEY_ENCODING, FieldLayout, FieldWriter, downsample, level_chunks, pyramid_levels
 
 MB = 1e6
 
@@ -135,16 +135,17 @@ def field_attributes(path: str, *, axes: Sequence[str], levels: int, channel_nam
 
 def write_field_bare(store: Any, path: str, block: np.ndarray, attributes: dict[str, Any],
                      axes: Sequence[str]) -> None:
-    """One field as FieldWriter lays it out: the same levels, one shard per level, the same
-    chunks, chunk keys, dtype and (default) codecs, written with plain zarr calls."""
+    """One field as FieldWriter lays it out: the same levels, one file per level (a chunk or a
+    shard, ``level_chunks``), the same chunks, chunk keys, dtype and (default) codecs, written with
+    plain zarr calls."""
     group = zarr.create_group(store, path=path, attributes=attributes)
     data = block
     for level in range(pyramid_levels(block.shape[-2:])):
         if level:
             data = downsample(data)
-        chunks = (*(1 for _ in data.shape[:-2]), min(CHUNK_YX, data.shape[-2]), min(CHUNK_YX, data.shape[-1]))
+        chunks, shards = level_chunks(data.shape, data.dtype)
         array = group.create_array(str(level), shape=data.shape, dtype=data.dtype, chunks=chunks,
-                                   shards=data.shape, dimension_names=tuple(axes), fill_value=0,
+                                   shards=shards, dimension_names=tuple(axes), fill_value=0,
                                    chunk_key_encoding=CHUNK_KEY_ENCODING)
         array[...] = data
 

@@ -8,7 +8,7 @@ images) are written as N wells of F fields each, in this process, with no Dask:
   every file, list the fields in the well's metadata);
 * ``hcs_dask, no fsync``: the same with ``commit_well(durable=False)``, to show the flush's share;
 * ``bare zarr``: ``zarr.create_group(attributes=…)`` + ``create_array`` + ``array[...] = …``
-  per level: the same levels, shards, chunks, dtype, codecs and metadata.
+  per level: the same levels, chunks and shards (``level_chunks``), dtype, codecs and metadata.
 
 Variants alternate, ``--repeats`` times (best is the figure). Printed: ms per well, MB/s of
 pixels (all levels, uncompressed), the throughput ratio bare/hcs_dask, the files a well and a
@@ -213,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
             r["read_bytes"] / r["read_s"] / MB] for r in results],
           title="ratios (≥ 1 means hcs_dask is as fast as bare zarr), files, and reading one well back "
                 "(every field's level 0, page cache warm)")
-    print("files per field = the field group's zarr.json + per level (zarr.json + one shard); "
+    print("files per field = the field group's zarr.json + per level (zarr.json + one chunk or shard); "
           "files per well add the well's zarr.json")
     load.report()
     print()

@@ -50,9 +50,12 @@ def test_a_field_means_what_zarr_and_ome_zarr_write_themselves(tmp_path):
     reference = tmp_path / "reference.zarr"
     group = zarr.open_group(zarr.storage.LocalStore(reference), path="B/3/1", mode="w", zarr_format=3)
     datasets = []
-    for level, (y, x) in enumerate(((300, 200), (150, 100))):
-        group.create_array(str(level), shape=(2, 3, y, x), dtype="uint16", chunks=(1, 1, min(256, y), min(256, x)),
-                           shards=(2, 3, -(-y // 256) * 256 if y > 256 else y, x), dimension_names=LAYOUT.axes,
+    # Level 0 (300 px > one chunk) is one shard of 256 px chunks, rounded up past the edge;
+    # level 1 (150 × 100 px, 180 kB) is one chunk.
+    for level, (y, x), chunks, shards in ((0, (300, 200), (1, 1, 256, 200), (2, 3, 512, 200)),
+                                          (1, (150, 100), (2, 3, 150, 100), None)):
+        group.create_array(str(level), shape=(2, 3, y, x), dtype="uint16", chunks=chunks, shards=shards,
+                           dimension_names=LAYOUT.axes,
                            fill_value=0, chunk_key_encoding={"name": "default", "separator": "."})
         datasets.append({"path": str(level), "coordinateTransformations": [
             {"type": "scale", "scale": [1.0, 2.0, 0.65 * 2**level, 0.65 * 2**level]}]})
@@ -70,8 +73,8 @@ def test_a_field_means_what_zarr_and_ome_zarr_write_themselves(tmp_path):
     written = zarr.open_group(ours / "B/3/1", mode="r")
     np.testing.assert_array_equal(written["0"][:], data)
     assert written["1"].shape == (2, 3, 150, 100)
-    # One shard per level: the field is its group, two level documents and two shard files, in
-    # three folders (the key "c.0.0.0.0" makes none of its own).
+    # One file per level (a shard, a chunk): the field is its group, two level documents and two
+    # files, in three folders (the key "c.0.0.0.0" makes none of its own).
     assert sorted(str(p.relative_to(ours / "B/3/1")) for p in (ours / "B/3/1").rglob("*")) == [
         "0", "0/c.0.0.0.0", "0/zarr.json", "1", "1/c.0.0.0.0", "1/zarr.json", "zarr.json"]
 

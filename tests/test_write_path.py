@@ -1,6 +1,6 @@
-"""The write path of a field: written whole, each level is its ``zarr.json`` plus one shard file, with
-the bytes zarr itself writes; regions (sequential combinations) still merge into the shard; the
-number of levels follows the image size."""
+"""The write path of a field: written whole, each level is its ``zarr.json`` plus one file (a chunk
+where the level is small, else a shard), with the bytes zarr itself writes; regions (sequential
+combinations) still merge into it; the number of levels and the chunking follow the image size."""
 
 from __future__ import annotations
 
@@ -42,8 +42,8 @@ def test_a_whole_field_is_what_zarr_writes_one_file_per_level(tmp_path, shape, d
     channels = zarr.open_group(ours / "A/1/0", mode="r").attrs["ome"]["omero"]["channels"]
     assert [(c["window"]["start"], c["window"]["end"]) for c in channels] == \
         [(data[i].min().item(), data[i].max().item()) for i in range(shape[0])]
-    shards = [p for p in (ours / "A/1/0").rglob("*") if p.is_file() and p.name != "zarr.json"]
-    assert len(shards) == layout.levels
+    files = [p for p in (ours / "A/1/0").rglob("*") if p.is_file() and p.name != "zarr.json"]
+    assert len(files) == layout.levels
     assert np.array_equal(zarr.open_group(ours / "A/1/0", mode="r")["0"][...], data)
 
 
@@ -62,10 +62,27 @@ def test_regions_of_a_field_and_several_fields_in_one_call(tmp_path):
         assert np.array_equal(zarr.open_group(tmp_path / f"A/1/{i + 1}", mode="r")["0"][...], data[0] + i)
 
 
-def test_a_field_of_fill_values_writes_no_shard_and_reads_back(tmp_path):
-    layout = _layout((1, 1, 64, 64), "uint16")
-    FieldWriter(tmp_path, "A/1/0", layout).write((slice(None), slice(None)), np.zeros((1, 1, 64, 64), "uint16"))
-    assert sorted(p.name for p in (tmp_path / "A/1/0").rglob("*") if p.is_file()) == ["zarr.json", "zarr.json"]
+@pytest.mark.parametrize(("shape", "dtype", "chunks", "shards"), [
+    ((2, 1, 128, 128), "float32", [(2, 1, 128, 128)], [None]),
+    ((4, 2, 256, 256), "uint16", [(4, 2, 256, 256)], [None]),  # 1 MiB: one chunk still
+    ((4, 3, 256, 256), "float32", [(1, 1, 256, 256)], [(4, 3, 256, 256)]),  # 3 MiB: plane chunks in a shard
+    ((1, 1, 600, 520), "uint16", [(1, 1, 256, 256), (1, 1, 256, 256), (1, 1, 150, 130)],
+     [(1, 1, 768, 768), (1, 1, 512, 512), None]),
+], ids=["small", "one-mebibyte", "three-mebibytes", "pyramid"])
+def test_a_small_level_is_one_chunk_and_a_larger_one_a_shard_of_plane_tiles(tmp_path, shape, dtype, chunks, shards):
+    layout = _layout(shape, dtype)
+    FieldWriter(tmp_path, "A/1/0", layout).write((slice(None), slice(None)), np.ones(shape, dtype))
+    group = zarr.open_group(tmp_path / "A/1/0", mode="r")
+    arrays = [group[str(level)] for level in range(layout.levels)]
+    assert [a.chunks for a in arrays] == chunks and [a.shards for a in arrays] == shards
+    assert all(a[...].all() for a in arrays)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 64, 64), (1, 1, 300, 64)], ids=["chunk", "shard"])
+def test_a_field_of_fill_values_writes_no_file_and_reads_back(tmp_path, shape):
+    layout = _layout(shape, "uint16")
+    FieldWriter(tmp_path, "A/1/0", layout).write((slice(None), slice(None)), np.zeros(shape, "uint16"))
+    assert {p.name for p in (tmp_path / "A/1/0").rglob("*") if p.is_file()} == {"zarr.json"}  # documents only
     assert not zarr.open_group(tmp_path / "A/1/0", mode="r")["0"][...].any()
 
 

@@ -13,8 +13,8 @@ spent outside the pipeline (``bench/io.py``, ``bench/scaling.py``).
 """
 
 from hcs_dask.store.commit import commit_well, reset_well
-from hcs_dask.store.field import (CHUNK_KEY_ENCODING, CHUNK_YX, WRITE_BATCH_BYTES, FieldLayout, FieldWriter,
-                                  downsample, pyramid_levels, write_fields)
+from hcs_dask.store.field import (CHUNK_KEY_ENCODING, CHUNK_YX, ONE_CHUNK_BYTES, WRITE_BATCH_BYTES, FieldLayout,
+                                  FieldWriter, downsample, level_chunks, pyramid_levels, write_fields)
 from hcs_dask.store.layout import (OutputError, PreparedLayout, check_output, create_plate_layout, measurements_path,
                                    prepare_plate_layout)
 from hcs_dask.store.manifest import Manifest
@@ -22,6 +22,7 @@ from hcs_dask.store.manifest import Manifest
 __all__ = [
     "CHUNK_KEY_ENCODING",
     "CHUNK_YX",
+    "ONE_CHUNK_BYTES",
     "WRITE_BATCH_BYTES",
     "FieldLayout",
     "FieldWriter",
@@ -32,6 +33,7 @@ __all__ = [
     "commit_well",
     "create_plate_layout",
     "downsample",
+    "level_chunks",
     "measurements_path",
     "prepare_plate_layout",
     "pyramid_levels",

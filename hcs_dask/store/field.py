@@ -1,10 +1,10 @@
 """One field's multiscale image: its group, level arrays and metadata, written by its well's task.
 
-Arrays are plain zarr v3 arrays with one shard per field level, so a field's level is a
-single file on disk however many chunks it has. A field written whole (every well without
-sequential axes) has each level's shard encoded by the array's own codecs, all levels in one
-call into zarr, and written as one file: no read-before-write of the shard, no round trip
-per level.
+Arrays are plain zarr v3 arrays, and each field level is a single file on disk however many
+chunks it has (:func:`level_chunks`): a small level is one chunk, a larger one is one shard of
+256 × 256 chunks. A field written whole (every well without sequential axes) has each level's
+file encoded by the array's own codecs, all levels in one call into zarr, and written as one
+file: no read-before-write, no round trip per level.
 """
 
 from __future__ import annotations
@@ -24,16 +24,20 @@ from zarr.core.sync import sync
 
 from hcs_dask.store._files import metadata_files, write_file
 
-__all__ = ["CHUNK_KEY_ENCODING", "CHUNK_YX", "FieldLayout", "FieldWriter", "WRITE_BATCH_BYTES", "downsample",
-           "pyramid_levels", "write_fields"]
+__all__ = ["CHUNK_KEY_ENCODING", "CHUNK_YX", "FieldLayout", "FieldWriter", "ONE_CHUNK_BYTES", "WRITE_BATCH_BYTES",
+           "downsample", "level_chunks", "pyramid_levels", "write_fields"]
 
-#: Chunk edge in y and x; a field level is one shard holding these chunks.
+#: Chunk edge in y and x; a field level larger than one chunk is one shard holding these chunks.
 CHUNK_YX = 256
 
-#: A level's shard is the file ``c.0.0.0.0`` beside its ``zarr.json``: zarr v3's default chunk key
-#: encoding with ``"."``, which every zarr v3 reader takes from the array's metadata. With ``"/"``
-#: the key would be a folder per axis (``c/0/0/0/0``): four or five more folders to make, and to
-#: flush, per field.
+#: A level that fits one chunk along y and x and holds at most this many bytes in all (every
+#: channel, plane and timepoint) is a single zarr chunk, not a shard (:func:`level_chunks`).
+ONE_CHUNK_BYTES = 2 * 2**20
+
+#: A level's one file (its chunk or its shard) is ``c.0.0.0.0`` beside its ``zarr.json``: zarr
+#: v3's default chunk key encoding with ``"."``, which every zarr v3 reader takes from the array's
+#: metadata. With ``"/"`` the key would be a folder per axis (``c/0/0/0/0``): four or five more
+#: folders to make, and to flush, per field.
 CHUNK_KEY_ENCODING = {"name": "default", "separator": "."}
 
 
@@ -54,6 +58,37 @@ def pyramid_levels(shape_yx: Sequence[int], *, chunk: int = CHUNK_YX, min_size: 
     while max(y, x) > chunk and min(y, x) // 2 >= min_size:
         y, x, levels = y // 2, x // 2, levels + 1
     return levels
+
+
+def level_chunks(shape: Sequence[int], dtype: Any) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """A level array's chunk shape and shard shape; no shard (None) where the level is one chunk.
+
+    A level that fits one chunk along y and x (:data:`CHUNK_YX` px or less) and holds at most
+    :data:`ONE_CHUNK_BYTES` is one chunk of the whole level: a reader of one plane decodes the
+    level's 2 MiB at most, and the writer encodes it with no sharding codec, whose index and
+    inner pipeline cost more than the chunk's compression at this size (the four 2-channel
+    128 px fields of a well: 2.6-4.3 ms as chunks against 10.5-13.1 ms as shards, zarr 3.1 on
+    a 2-core machine). Any other level is one shard of the whole level holding
+    chunks of one plane and ``CHUNK_YX`` × ``CHUNK_YX`` px, so that a viewer reads one tile of
+    one plane; the shard's edge is a whole number of chunks (2160 px is not a multiple of 256),
+    so it is rounded up past the array's edge. Either way the level is one file. A region
+    written into a one-chunk level (a sequential combination) has zarr decode and encode the
+    level again, 2 MiB at most; into a shard, zarr re-encodes only the region's chunks.
+
+    Examples
+    --------
+    >>> level_chunks((2, 1, 128, 128), "float32")
+    ((2, 1, 128, 128), None)
+    >>> level_chunks((2, 3, 300, 200), "uint16")
+    ((1, 1, 256, 200), (2, 3, 512, 200))
+    >>> level_chunks((40, 5, 256, 256), "uint16")  # 26 MB: a viewer reads a plane, not the level
+    ((1, 1, 256, 256), (40, 5, 256, 256))
+    """
+    *lead, y, x = (int(n) for n in shape)
+    if y <= CHUNK_YX and x <= CHUNK_YX and np.dtype(dtype).itemsize * int(np.prod(shape)) <= ONE_CHUNK_BYTES:
+        return (*lead, y, x), None
+    chunk_y, chunk_x = min(CHUNK_YX, y), min(CHUNK_YX, x)
+    return (*(1 for _ in lead), chunk_y, chunk_x), (*lead, -(-y // chunk_y) * chunk_y, -(-x // chunk_x) * chunk_x)
 
 
 def downsample(array: np.ndarray) -> np.ndarray:
@@ -200,17 +235,17 @@ def write_fields(writes: Sequence[tuple[FieldWriter, tuple[int | slice, ...], np
 
 
 def _write_whole(whole: Sequence[tuple[FieldWriter, zarr.Array, np.ndarray]]) -> None:
-    shards = sync(_encode_whole([(array, data) for _, array, data in whole]))
-    for (writer, array, _), shard in zip(whole, shards):
-        if shard is None:  # every chunk is the fill value: zarr writes no shard either
+    files = sync(_encode_whole([(array, data) for _, array, data in whole]))
+    for (writer, array, _), encoded in zip(whole, files):
+        if encoded is None:  # every value is the fill value: zarr writes no file either
             continue
         # The level's folder exists (its zarr.json) and the key has no "/" (CHUNK_KEY_ENCODING).
-        write_file(writer.output / array.path / array.metadata.encode_chunk_key((0,) * array.ndim), shard)
+        write_file(writer.output / array.path / array.metadata.encode_chunk_key((0,) * array.ndim), encoded)
 
 
 async def _encode_whole(levels: Sequence[tuple[zarr.Array, np.ndarray]]) -> list[bytes | None]:
-    """Each level array's single shard, holding all of its data, encoded by the array's own codec
-    pipeline; None for a shard with nothing but the fill value."""
+    """Each level array's single chunk or shard, holding all of its data, encoded by the array's
+    own codec pipeline; None for one with nothing but the fill value (zarr writes no such chunk)."""
     prototype = default_buffer_prototype()
 
     async def encode(array: zarr.Array, data: np.ndarray) -> bytes | None:
@@ -219,8 +254,11 @@ async def _encode_whole(levels: Sequence[tuple[zarr.Array, np.ndarray]]) -> list
             padded = np.full(spec.shape, array.fill_value, dtype=data.dtype)
             padded[tuple(slice(0, n) for n in data.shape)] = data
             data = padded
-        [encoded] = await array.async_array.codec_pipeline.encode(
-            [(prototype.nd_buffer.from_numpy_array(np.ascontiguousarray(data)), spec)])
+        buffer = prototype.nd_buffer.from_numpy_array(np.ascontiguousarray(data))
+        # A shard of fill values encodes to None; a plain chunk is checked as zarr's own write does.
+        if not spec.config.write_empty_chunks and buffer.all_equal(spec.fill_value):
+            return None
+        [encoded] = await array.async_array.codec_pipeline.encode([(buffer, spec)])
         return None if encoded is None else encoded.to_bytes()
 
     return await asyncio.gather(*(encode(array, data) for array, data in levels))
@@ -237,17 +275,14 @@ def _field_template(layout: FieldLayout) -> tuple[dict[str, bytes], tuple[Any, .
     def build(group: zarr.Group) -> None:
         lead = layout.shape[:-2]
         for level in range(layout.levels):
-            y = layout.shape[-2] // 2**level
-            x = layout.shape[-1] // 2**level
-            chunk_y, chunk_x = min(CHUNK_YX, y), min(CHUNK_YX, x)
-            # One shard holds the whole level; its edge must be a whole number of chunks
-            # (2160 px is not a multiple of 256), so it is rounded up past the array's edge.
+            shape = (*lead, layout.shape[-2] // 2**level, layout.shape[-1] // 2**level)
+            chunks, shards = level_chunks(shape, layout.dtype)
             arrays.append(group.create_array(
                 str(level),
-                shape=(*lead, y, x),
+                shape=shape,
                 dtype=layout.dtype,
-                chunks=(*(1 for _ in lead), chunk_y, chunk_x),
-                shards=(*lead, -(-y // chunk_y) * chunk_y, -(-x // chunk_x) * chunk_x),
+                chunks=chunks,
+                shards=shards,
                 dimension_names=layout.axes,
                 fill_value=0,
                 chunk_key_encoding=CHUNK_KEY_ENCODING,
