@@ -140,6 +140,48 @@ def test_a_changed_helper_changes_the_step(tmp_path):
     assert load_pipeline(tmp_path / "changed.py").fingerprint() != original.fingerprint()
 
 
+def test_a_step_counts_by_its_own_source_text(tmp_path):
+    # The same code with another comment in its body: only the source text tells them apart
+    # (the code-object fallback of an unreadable source would give both one fingerprint). The
+    # wrapper of a functools.wraps decorator counts by its own source, not the wrapped one's, and
+    # a closure's inner function by its source too.
+    source = textwrap.dedent('''
+        import functools
+        from hcs_dask import Pipeline, Step
+
+        def traced(fn):
+            @functools.wraps(fn)
+            def wrapper(image):
+                return fn(image)  # {wrapper}
+            return wrapper
+
+        @traced
+        def shift(image):
+            return image + 1  # {body}
+
+        def make_scale(factor):
+            def scale(image):
+                return image * factor  # {inner}
+            return scale
+
+        pipeline = Pipeline([Step(shift, name="shift"), Step(make_scale(2), name="scale")], name="g")
+    ''')
+    variants = {"same": ("w", "b", "i"), "copy": ("w", "b", "i"), "wrapper": ("w2", "b", "i"),
+                "body": ("w", "b2", "i"), "inner": ("w", "b", "i2")}
+    steps = {}
+    for name, (wrapper, body, inner) in variants.items():
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "graph.py").write_text(source.format(wrapper=wrapper, body=body, inner=inner))
+        steps[name] = dict(load_pipeline(tmp_path / name / "graph.py").step_fingerprints())
+    assert steps["copy"] == steps["same"]
+    assert steps["wrapper"]["shift"] != steps["same"]["shift"]
+    assert steps["wrapper"]["scale"] == steps["same"]["scale"]
+    # The wrapped function is a closure value of the wrapper: its own comment counts too.
+    assert steps["body"]["shift"] != steps["same"]["shift"]
+    assert steps["inner"]["scale"] != steps["same"]["scale"]
+    assert steps["inner"]["shift"] == steps["same"]["shift"]
+
+
 # ------------------------------------------------------- what cannot count
 def test_an_unfingerprintable_kwarg_names_the_step_and_the_way_out():
     pipeline = _one(Step(scale, name="segment", kwargs={"factor": Model(0.5)}))
