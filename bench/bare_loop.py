@@ -10,11 +10,15 @@ guard, no manifest, no fsync, no pyramid levels, no NGFF metadata.
     python bench/bare_loop.py                      # 96 wells × 4 sites × 2 channels × 3 z, 128 px; 5 runs
     python bench/bare_loop.py --plate FOLDER       # an existing ImageXpress-style plate (e.g. OpenHCS's generator)
     python bench/bare_loop.py --plate FOLDER --output OUT.zarr --once   # one run, whole process; prints seconds
+    python bench/bare_loop.py --plate FOLDER --output OUT-0.zarr --once --part 0/2   # wells 0, 2, 4, ... only
 
 ``--once`` imports only numpy, tifffile and zarr, so that a caller timing the whole process
 (``bench/throughput.py``, ``bench/openhcs.py``) times the bare work and Python's start, nothing of
-hcs_dask. Prints the runs, best, median and spread, and the time per well spent reading,
-computing and writing.
+hcs_dask. ``--part K/N`` does the wells whose place in the plate's order is K modulo N, so that N
+such processes started at once do the plate's bare work in parallel, with no framework: what N
+workers could reach on the machine (``bench/throughput.py`` times them as ``bare_N``).
+Prints the runs, best, median and spread, and the time per well spent reading, computing and
+writing.
 """
 
 from __future__ import annotations
@@ -132,9 +136,22 @@ def bare_loop(index: Index, output: str | os.PathLike[str], phases: Phases | Non
     return rows
 
 
-def _once(plate: str, output: str) -> None:
+def part_of(index: Index, part: str) -> Index:
+    """The wells of ``index`` whose place in its order is ``K`` modulo ``N``, for ``part`` = ``"K/N"``.
+
+    >>> part_of({"A01": {}, "A02": {}, "A03": {}}, "1/2")
+    {'A02': {}}
+    """
+    k, _, n = part.partition("/")
+    if not (k.isdigit() and n.isdigit() and int(k) < int(n)):
+        raise ValueError(f"--part {part}: give K/N with 0 <= K < N")
+    return dict(list(index.items())[int(k)::int(n)])
+
+
+def _once(plate: str, output: str, part: str | None) -> None:
     start = time.perf_counter()
-    bare_loop(scan_plate(plate), output)
+    index = scan_plate(plate)
+    bare_loop(part_of(index, part) if part else index, output)
     print(f"{time.perf_counter() - start:.4f}")
 
 
@@ -144,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plate", help="an existing plate folder (default: a synthetic anchor plate)")
     parser.add_argument("--output", help="the zarr store to write (default: a temporary folder)")
     parser.add_argument("--once", action="store_true", help="one run, print its seconds only (needs --plate, --output)")
+    parser.add_argument("--part", metavar="K/N", help="with --once: only the wells at K, K+N, K+2N, ... of the plate")
     parser.add_argument("--wells", type=int, default=96)
     parser.add_argument("--sites", type=int, default=4)
     parser.add_argument("--channels", type=int, default=2)
@@ -155,8 +173,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.once:
         if not (args.plate and args.output):
             parser.error("--once needs --plate and --output")
-        _once(args.plate, args.output)
+        try:
+            _once(args.plate, args.output, args.part)
+        except ValueError as error:
+            parser.error(str(error))
         return 0
+    if args.part:
+        parser.error("--part goes with --once")
 
     import statistics
 
