@@ -86,6 +86,21 @@ def test_a_users_own_cluster_beside_an_embedded_one_starts_as_dask_starts_it(mon
         assert _variable(embedded, "HCS_DASK_TEST_VARIABLE") == {"mine"}
 
 
+def _gc_state() -> tuple[int, int]:
+    import gc
+
+    return gc.get_freeze_count(), len(gc.get_objects())
+
+
+@pytest.mark.parametrize("start", ["forkserver", "spawn"])
+def test_embedded_workers_freeze_the_objects_they_start_with(start):
+    # Frozen, the modules' objects are out of every later collection's walk: a well's full
+    # collection walks what the wells made, not the tens of thousands of objects of the imports.
+    with dask.config.set({"hcs-dask.worker-start": start}), connect(n_workers=1, threads_per_worker=1) as client:
+        [(frozen, walked)] = client.run(_gc_state).values()
+    assert frozen > 20_000 and walked < frozen
+
+
 def test_spawn_in_the_dask_config_starts_fresh_interpreters():
     with dask.config.set({"hcs-dask.worker-start": "spawn"}), connect(n_workers=1, threads_per_worker=1) as client:
         assert _parents(client) == {os.getpid()}  # the nanny, in this process, spawned it
