@@ -81,7 +81,14 @@ def _report(result: PlateResult, summary: str | None) -> None:
 
 
 def _prestart_workers() -> None:
-    """Start the embedded workers' fork server before this process imports distributed."""
+    """Start the embedded workers' fork server before this process imports distributed.
+
+    Then freeze what the imports made (``gc.freeze``): this process keeps those objects to its
+    end, and a full collection walking them (about 55 ms, 0.65 s into a 96-well ``run``, while
+    its cluster started and its layout was written) is spared.
+    """
+    import gc
+
     from hcs_dask._forkserver import prestart
 
     try:
@@ -89,6 +96,7 @@ def _prestart_workers() -> None:
     except ValueError as error:  # a bad hcs-dask.worker-start in the Dask config
         click.echo(f"error: {error}", err=True)
         sys.exit(2)
+    gc.freeze()
 
 
 def _run(graph: str, plate_path: str, output: str, *, device: str, summary: str | None,
