@@ -391,3 +391,13 @@ def test_a_pipeline_files_own_forkserver_process_in_the_command_line_shares_its_
     assert int(Path(f"{seen}.child").read_text()) == facts["server"] != facts["command"]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["counts"] == {"ok": 2}, summary
+
+
+def test_the_command_line_freezes_the_objects_of_its_imports():
+    done = _fresh_interpreter(
+        "import gc, json, sys\n"
+        "from hcs_dask import cli\n"
+        "cli._prestart_workers()\n"
+        "print(json.dumps([gc.get_freeze_count(), 'distributed' in sys.modules]))\n")
+    frozen, imported = json.loads(done.stdout.strip().splitlines()[-1])
+    assert imported and frozen > 20_000
