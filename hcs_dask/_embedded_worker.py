@@ -14,8 +14,8 @@ variables that its server has but the client no longer has. Then it freezes what
 (``gc.freeze``: the modules, the worker's own machinery), as CPython advises for a forked
 process: the garbage collector no longer walks those objects, so a full collection in a well
 walks only what the wells made (about 90,000 objects frozen; each of the two full collections
-of a 96-well anchor run took about 50 ms before), and it no longer writes to the pages this
-process shares with its server.
+of a 96-well anchor run took 46-72 ms before), and the collector no longer writes to the pages
+this process shares with its server.
 """
 
 from __future__ import annotations
