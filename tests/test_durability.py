@@ -107,6 +107,20 @@ def test_the_renames_that_make_a_well_ok_are_followed_by_a_folder_fsync(tmp_path
     assert ("fsync folder", _identity(well)) in _after_rename(disk_events, well / "zarr.json")
 
 
+def test_a_batch_of_flushes_ends_every_share_before_it_raises_the_first_error(tmp_path, disk_events):
+    paths = [tmp_path / f"f{i}" for i in range(20)]
+    for path in paths:
+        path.write_bytes(b"x")
+    items = [tmp_path / "gone", *paths, tmp_path / "gone too"]
+    with pytest.raises(FileNotFoundError, match=r"gone'$"):  # the first item's error, not the last one's
+        hcs_dask.store._files.fsync_paths(items)
+    # The calling thread's share stopped at its failing first item; the others flushed all
+    # theirs (one of them failing last), and every one had ended when the error was raised.
+    shares = hcs_dask.store._files._FLUSHERS
+    stopped = items[0::shares]
+    assert {what for kind, what in disk_events} == {_identity(p) for p in paths if p not in stopped}
+
+
 def test_the_layout_is_flushed_before_its_rename_and_its_parent_after(tmp_path, disk_events):
     output = create_plate_layout(tmp_path / "p.ome.zarr", plate_of(2, 3), run_info=RUN_INFO)
 

@@ -152,5 +152,5 @@ def test_the_store_flushers_end_and_start_again(tmp_path):
     assert flushers()
     stop_flushers()
     assert flushers() == []
-    fsync_paths([tmp_path / "a"])  # a later flush starts new threads
+    fsync_paths([tmp_path / "a", tmp_path])  # a later flush starts new threads
     assert flushers()
