@@ -119,7 +119,7 @@ def _flushers() -> ThreadPoolExecutor:
 def _in_shares(work: Callable[[Any], Any], items: Iterable[Any]) -> None:
     """``work(item)`` for every item: up to :data:`_FLUSHERS` shares at once, one of them on this thread.
 
-    Returns when every share has ended; then raises the first error of any.
+    Returns when every share has ended; then raises the error of the first share (in order) that failed.
     """
     items = list(items)
     shares = [items[start::_FLUSHERS] for start in range(min(_FLUSHERS, len(items)))]
@@ -136,8 +136,9 @@ def _in_shares(work: Callable[[Any], Any], items: Iterable[Any]) -> None:
     except BaseException as raised:  # noqa: BLE001  (raised below, once the other shares have ended)
         error = raised
     for future in futures:
-        if future.exception() is not None and error is None:
-            error = future.exception()
+        raised = future.exception()  # waits for the share to end
+        if error is None:
+            error = raised
     if error is not None:
         raise error
 
